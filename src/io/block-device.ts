@@ -1,0 +1,36 @@
+/**
+ * The block device the qcow2 engine works over: positioned reads and writes,
+ * a size, flush and (optionally) truncate. The engine never touches files
+ * directly, so unit tests run it on an in-memory device.
+ */
+export interface BlockDevice {
+  /** Size in bytes. */
+  size(): number;
+  /** Read into `buf` at `offset`; returns bytes read (short only at end of device). */
+  pread(buf: Buffer, offset: number): Promise<number>;
+  /** Write all of `buf` at `offset`, growing the device if needed. */
+  pwrite(buf: Buffer, offset: number): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  /** Set the device size (grow with zeroes or shrink). */
+  truncate(size: number): Promise<void>;
+  /** Release the device. */
+  close(): Promise<void>;
+  /** True when the device refuses writes. */
+  readonly readOnly: boolean;
+  /** A human name for messages (a path, or "memory"). */
+  readonly name: string;
+}
+
+/** Read exactly `buf.length` bytes; the part past the end of the device reads as zeroes. */
+export async function readFull(dev: BlockDevice, buf: Buffer, offset: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const n = await dev.pread(done === 0 ? buf : buf.subarray(done), offset + done);
+    if (n <= 0) {
+      buf.fill(0, done);
+      return;
+    }
+    done += n;
+  }
+}
