@@ -34,3 +34,12 @@ export async function readFull(dev: BlockDevice, buf: Buffer, offset: number): P
     done += n;
   }
 }
+
+/** Devices that can tell how many bytes they really occupy on the host. */
+export interface AllocatedSize {
+  allocatedBytes(): Promise<number>;
+}
+
+export function hasAllocatedSize(dev: BlockDevice): dev is BlockDevice & AllocatedSize {
+  return typeof (dev as Partial<AllocatedSize>).allocatedBytes === 'function';
+}

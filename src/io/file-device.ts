@@ -71,4 +71,10 @@ export class FileDevice implements BlockDevice {
   async close(): Promise<void> {
     await this.handle.close();
   }
+
+  /** Bytes the file occupies on the host (st_blocks * 512). */
+  async allocatedBytes(): Promise<number> {
+    const st = await this.handle.stat();
+    return st.blocks * 512;
+  }
 }

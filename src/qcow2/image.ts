@@ -1,0 +1,1263 @@
+/**
+ * A qcow2 image: open (header, L1, snapshots, backing chain, data file),
+ * read and write through the L1/L2 tables, zeroes, discard, resize, block
+ * status and SEEK_DATA/SEEK_HOLE, flush and close.
+ *
+ * Crash safety follows QEMU's rules: the refcounts that cover a new cluster
+ * reach the disk before any table points at it (the L2 cache flushes the
+ * refcount cache first), a new L2 table is on disk before the L1 entry that
+ * points at it, and refcount decrements wait until the tables that dropped
+ * the reference are on disk (pendingFrees, applied in flushMetadata). A crash
+ * can leak clusters; it cannot leave a table pointing at a free cluster.
+ */
+import * as path from 'path';
+import { BlockDevice, hasAllocatedSize, readFull } from '../io/block-device';
+import { FileDevice } from '../io/file-device';
+import {
+  QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY, QCOW2_INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK,
+  QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_AUTOCLEAR_MASK, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW_CRYPT_NONE,
+  QCOW_MAX_L1_SIZE_BYTES, QCOW_MAX_REFTABLE_SIZE_BYTES, QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER,
+  QCOW_OFLAG_ZERO_LO, L1E_RESERVED_HI, L1E_RESERVED_LO, QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD,
+  QCOW_MAX_VIRTUAL_SIZE, QCOW_MAX_SNAPSHOTS_SIZE,
+} from './constants';
+import {
+  CorruptImageError, UnsupportedImageError, ReadOnlyImageError, BackingChainError, InvalidRequestError,
+  OutOfRangeError, NotQcow2Error, QcowError,
+} from './errors';
+import { decodeHeader, encodeHeader, featureName, Qcow2Header } from './header';
+import {
+  SubclusterType, L2Entry, classifyL2Entry, decodeCompressedDescriptor, entryOffset, entryOffsetTooLarge,
+  isCopied, isCompressed, readL2Entry, writeL2Entry, encodeOffsetEntry, isAllocatedType, isZeroType, subclusterMask,
+} from './l2-entry';
+import { l1EntriesFor, l2EntriesPerTable, alignUp, alignDown } from './layout';
+import { TableCache } from './table-cache';
+import { RefcountManager } from './refcount';
+import { decompressCluster, DecompressionError } from './compression';
+import { Snapshot, decodeSnapshotTable } from './snapshot';
+import { Layer, MapExtent, RawLayer, mergeExtents } from './layer';
+import { RwLock } from './rwlock';
+import { readU64, writeU64, fromWords } from './uint64';
+
+export interface OpenOptions {
+  /** Open without write access (default false). */
+  readOnly?: boolean;
+  /** Open read-only as of this internal snapshot (id or name). */
+  snapshot?: string;
+  /** Bytes of L2 tables to cache (default 32 MiB). */
+  l2CacheBytes?: number;
+  /** Bytes of refcount blocks to cache (default 4 MiB). */
+  refcountCacheBytes?: number;
+  /** Open the backing chain (default true); false reads unallocated ranges as zeroes. */
+  openBacking?: boolean;
+  /** Name for messages; for openFile, the path. */
+  filename?: string;
+  /** Directory that relative backing and data file names resolve against. */
+  baseDir?: string;
+  /** Opens the files of the chain and the data file (default: FileDevice). */
+  openDevice?: (file: string, readOnly: boolean) => Promise<BlockDevice>;
+  /** Paths already in the chain above (loop detection). */
+  chain?: string[];
+  /** Allow opening an image whose corrupt bit is set, read-only. */
+  allowCorrupt?: boolean;
+}
+
+/** One run of guest space with one mapping in this layer. */
+interface Run {
+  type: SubclusterType;
+  length: number;
+  /** Host offset of the run's first byte, for types with a host cluster. */
+  hostOffset: number;
+  /** A Normal run whose cluster and L2 table may be written in place. */
+  writable: boolean;
+  compressed: { hostOffset: number; compressedSize: number } | null;
+}
+
+const DEFAULT_L2_CACHE = 32 * 1024 * 1024;
+const DEFAULT_REFCOUNT_CACHE = 4 * 1024 * 1024;
+const MAX_PENDING_FREES = 4096;
+const COMPRESSED_CACHE_CLUSTERS = 8;
+
+async function defaultOpenDevice(file: string, readOnly: boolean): Promise<BlockDevice> {
+  return FileDevice.open(file, { readOnly });
+}
+
+export class Qcow2Image implements Layer {
+  readonly format = 'qcow2';
+  readonly header: Qcow2Header;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly l2Entries: number;
+  readonly subclusterSize: number;
+  readonly subclustersPerCluster: number;
+  readonly snapshots: Snapshot[];
+  /** The snapshot this view shows, or null for the active image. */
+  readonly snapshot: Snapshot | null;
+  backing: Layer | null = null;
+  private dataDev: BlockDevice;
+  private l1: Buffer;
+  private l1Offset: number;
+  private l1Size: number;
+  private size: number;
+  private readonly l2Cache: TableCache;
+  private refcounts: RefcountManager | null = null;
+  private readonly lock = new RwLock();
+  private pendingFrees: number[] = [];
+  private readonly compressedCache = new Map<number, Buffer>();
+  private readOnlyReason: string | null;
+  private closed = false;
+  private dirtyBitSet = false;
+
+  private constructor(
+    readonly dev: BlockDevice,
+    header: Qcow2Header,
+    readonly filename: string,
+    private readonly opts: OpenOptions,
+  ) {
+    this.header = header;
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.extendedL2 = (header.incompatibleFeatures & QCOW2_INCOMPAT_EXTL2) !== 0;
+    this.l2Entries = l2EntriesPerTable(this.clusterBits, this.extendedL2);
+    this.subclustersPerCluster = this.extendedL2 ? QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER : 1;
+    this.subclusterSize = this.clusterSize / this.subclustersPerCluster;
+    this.dataDev = dev;
+    this.l1 = Buffer.alloc(0);
+    this.l1Offset = header.l1TableOffset;
+    this.l1Size = header.l1Size;
+    this.size = header.size;
+    this.snapshots = [];
+    this.snapshot = null;
+    this.readOnlyReason = dev.readOnly || opts.readOnly || opts.snapshot !== undefined ? 'image is open read-only' : null;
+    const l2Tables = Math.max(2, Math.floor((opts.l2CacheBytes ?? DEFAULT_L2_CACHE) / this.clusterSize));
+    this.l2Cache = new TableCache(dev, this.clusterSize, l2Tables, (off, buf) => this.validateL2(off, buf));
+  }
+
+  // ---------------------------------------------------------------- open
+
+  /** Open the image at `file` (its backing chain and data file resolve against its directory). */
+  static async openFile(file: string, opts: OpenOptions = {}): Promise<Qcow2Image> {
+    const openDevice = opts.openDevice ?? defaultOpenDevice;
+    const readOnly = !!opts.readOnly || opts.snapshot !== undefined;
+    const dev = await openDevice(file, readOnly);
+    try {
+      return await Qcow2Image.open(dev, { ...opts, filename: opts.filename ?? file, baseDir: opts.baseDir ?? path.dirname(path.resolve(file)) });
+    } catch (err) {
+      await dev.close().catch(() => {});
+      throw err;
+    }
+  }
+
+  /** Open an image on a device. The device is owned by the image from then on. */
+  static async open(dev: BlockDevice, opts: OpenOptions = {}): Promise<Qcow2Image> {
+    const name = opts.filename ?? dev.name;
+    const first = Buffer.alloc(Math.min(Math.max(dev.size(), 0), 2 * 1024 * 1024));
+    await readFull(dev, first, 0);
+    if (dev.size() < 72) throw new NotQcow2Error(name, `file too short (${dev.size()} bytes)`);
+    const header = decodeHeader(first, dev.size(), name);
+    const img = new Qcow2Image(dev, header, name, opts);
+    try {
+      await img.init();
+    } catch (err) {
+      await img.closeChain();
+      throw err;
+    }
+    return img;
+  }
+
+  private async init(): Promise<void> {
+    const h = this.header;
+    const cs = this.clusterSize;
+    const fileSize = this.dev.size();
+    // Features we do not implement refuse the image, naming the feature.
+    const unknownIncompat = (h.incompatibleFeatures & ~QCOW2_INCOMPAT_MASK) >>> 0;
+    if (unknownIncompat !== 0 || h.incompatibleFeaturesHi !== 0) {
+      const bits: string[] = [];
+      for (let b = 0; b < 32; b++) if (unknownIncompat & (1 << b)) bits.push(featureName(h, 'incompatible', b));
+      for (let b = 0; b < 32; b++) if (h.incompatibleFeaturesHi & (1 << b)) bits.push(featureName(h, 'incompatible', b + 32));
+      throw new UnsupportedImageError(`incompatible feature ${bits.join(', ')}`);
+    }
+    if (h.cryptMethod !== QCOW_CRYPT_NONE) {
+      throw new UnsupportedImageError(h.cryptMethod === 1 ? 'AES encryption' : h.cryptMethod === 2 ? 'LUKS encryption' : `encryption method ${h.cryptMethod}`);
+    }
+    if (h.compressionType !== QCOW2_COMPRESSION_TYPE_ZLIB && h.compressionType !== QCOW2_COMPRESSION_TYPE_ZSTD) {
+      throw new UnsupportedImageError(`compression type ${h.compressionType}`);
+    }
+    if (this.extendedL2 && this.clusterBits < 14) {
+      throw new CorruptImageError('header', 20, 'extended L2 entries need a cluster size of at least 16 KiB');
+    }
+    if ((h.incompatibleFeatures & QCOW2_INCOMPAT_CORRUPT) && this.readOnlyReason === null) {
+      if (!this.opts.allowCorrupt) {
+        throw new CorruptImageError('header', 72, 'the image is marked corrupt; open it read-only or repair it with `qcowfs check --repair`');
+      }
+      this.readOnlyReason = 'image is marked corrupt';
+    }
+    if (h.size > QCOW_MAX_VIRTUAL_SIZE) throw new CorruptImageError('header', 24, `virtual size ${h.size} too large`);
+    // L1 table.
+    if (h.l1Size * 8 > QCOW_MAX_L1_SIZE_BYTES) throw new CorruptImageError('header', 36, `L1 table of ${h.l1Size} entries is too large`);
+    if (h.l1Size < l1EntriesFor(h.size, this.clusterBits, this.extendedL2)) {
+      throw new CorruptImageError('header', 36, `L1 table of ${h.l1Size} entries is too small for virtual size ${h.size}`);
+    }
+    this.checkTableLocation('L1 table', h.l1TableOffset, h.l1Size * 8, fileSize, 40);
+    // Refcount table (validated even read-only, as QEMU does).
+    if (h.refcountTableClusters * cs > QCOW_MAX_REFTABLE_SIZE_BYTES) {
+      throw new CorruptImageError('header', 56, `refcount table of ${h.refcountTableClusters} clusters is too large`);
+    }
+    this.checkTableLocation('refcount table', h.refcountTableOffset, h.refcountTableClusters * cs, fileSize, 48);
+    // Snapshots.
+    if (h.nbSnapshots > 0) {
+      this.checkTableLocation('snapshot table', h.snapshotsOffset, 1, fileSize, 64);
+      const bytes = Math.min(QCOW_MAX_SNAPSHOTS_SIZE, fileSize - h.snapshotsOffset);
+      const buf = Buffer.alloc(bytes);
+      await readFull(this.dev, buf, h.snapshotsOffset);
+      this.snapshots.push(...decodeSnapshotTable(buf, h.nbSnapshots, h.snapshotsOffset));
+    }
+    // External data file.
+    if (h.incompatibleFeatures & QCOW2_INCOMPAT_DATA_FILE) {
+      if (!h.dataFile) throw new UnsupportedImageError('external data file', 'the image names no data file');
+      const openDevice = this.opts.openDevice ?? defaultOpenDevice;
+      const p = this.resolvePath(h.dataFile);
+      try {
+        this.dataDev = await openDevice(p, this.readOnlyReason !== null);
+      } catch (err) {
+        throw new BackingChainError(p, `cannot open external data file: ${(err as Error).message}`);
+      }
+    } else if (h.autoclearFeatures & QCOW2_AUTOCLEAR_DATA_FILE_RAW) {
+      throw new CorruptImageError('header', 88, 'data_file_raw set without an external data file');
+    }
+    // Which L1 table this view reads.
+    let l1Offset = h.l1TableOffset;
+    let l1Size = h.l1Size;
+    if (this.opts.snapshot !== undefined) {
+      const snap = this.findSnapshot(this.opts.snapshot);
+      if (!snap) throw new InvalidRequestError(`no snapshot '${this.opts.snapshot}' in ${this.filename}`);
+      (this as { snapshot: Snapshot | null }).snapshot = snap;
+      if (snap.l1Size * 8 > QCOW_MAX_L1_SIZE_BYTES) throw new CorruptImageError('snapshot table', h.snapshotsOffset, `snapshot '${snap.name}' L1 table too large`);
+      this.checkTableLocation(`snapshot '${snap.name}' L1 table`, snap.l1TableOffset, snap.l1Size * 8, fileSize, -1);
+      l1Offset = snap.l1TableOffset;
+      l1Size = snap.l1Size;
+      this.size = snap.diskSize ?? h.size;
+    }
+    this.l1Offset = l1Offset;
+    this.l1Size = l1Size;
+    this.l1 = Buffer.alloc(l1Size * 8);
+    await readFull(this.dev, this.l1, l1Offset);
+    // Backing chain.
+    if (h.backingFile !== null && this.opts.openBacking !== false) {
+      this.backing = await this.openBacking(h.backingFile, h.backingFormat);
+    }
+    if (this.readOnlyReason === null) {
+      this.refcounts = await this.loadRefcounts();
+      if (h.incompatibleFeatures & QCOW2_INCOMPAT_DIRTY) {
+        // Refcounts may be stale (lazy refcounts, unclean close): rebuild before any write.
+        const { rebuildRefcounts } = await import('./check');
+        await rebuildRefcounts(this);
+        this.header.incompatibleFeatures &= ~QCOW2_INCOMPAT_DIRTY;
+        await this.writeHeader();
+        await this.dev.flush();
+      }
+      if (h.autoclearFeatures & ~QCOW2_AUTOCLEAR_MASK) {
+        // Clear autoclear bits we do not maintain so their users know the data is stale.
+        this.header.autoclearFeatures &= QCOW2_AUTOCLEAR_MASK;
+        this.header.autoclearFeaturesHi = 0;
+        await this.writeHeader();
+      }
+    }
+  }
+
+  private checkTableLocation(what: string, offset: number, bytes: number, fileSize: number, field: number): void {
+    if (offset % this.clusterSize !== 0) throw new CorruptImageError(what, offset, `offset 0x${offset.toString(16)} not cluster aligned` + (field >= 0 ? ` (header field at byte ${field})` : ''));
+    if (offset === 0 && bytes > 0) throw new CorruptImageError(what, offset, 'overlaps the header');
+    if (offset + bytes > fileSize) throw new CorruptImageError(what, offset, `runs past the end of the file (${fileSize} bytes)`);
+  }
+
+  /** Load refcounts (needed for writing and checking). */
+  async loadRefcounts(): Promise<RefcountManager> {
+    const rc = new RefcountManager(this.dev, {
+      clusterBits: this.clusterBits,
+      refcountOrder: this.header.refcountOrder,
+      tableOffset: this.header.refcountTableOffset,
+      tableClusters: this.header.refcountTableClusters,
+    }, Math.max(4, Math.floor((this.opts.refcountCacheBytes ?? DEFAULT_REFCOUNT_CACHE) / this.clusterSize)));
+    await rc.load();
+    rc.onTableMoved = async (offset, clusters) => {
+      this.header.refcountTableOffset = offset;
+      this.header.refcountTableClusters = clusters;
+      await this.writeHeader();
+      await this.dev.flush();
+    };
+    this.l2Cache.before = () => rc.flush();
+    return rc;
+  }
+
+  private resolvePath(name: string): string {
+    if (path.isAbsolute(name)) return name;
+    return path.resolve(this.opts.baseDir ?? process.cwd(), name);
+  }
+
+  private async openBacking(name: string, fmt: string | null): Promise<Layer> {
+    const p = this.resolvePath(name);
+    const chain = this.opts.chain ?? [path.resolve(this.filename)];
+    if (chain.includes(p)) throw new BackingChainError(p, `backing chain loops (${[...chain, p].join(' -> ')})`);
+    if (chain.length > 256) throw new BackingChainError(p, 'backing chain deeper than 256 images');
+    const openDevice = this.opts.openDevice ?? defaultOpenDevice;
+    let dev: BlockDevice;
+    try {
+      dev = await openDevice(p, true);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new BackingChainError(p, code === 'ENOENT' ? 'no such file' : (err as Error).message);
+    }
+    try {
+      let format = fmt;
+      if (format === null) {
+        const magic = Buffer.alloc(4);
+        await readFull(dev, magic, 0);
+        format = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+      }
+      if (format === 'raw') return new RawLayer(dev, p);
+      if (format !== 'qcow2') throw new BackingChainError(p, `backing format '${format}' is not supported (qcow2 and raw are)`);
+      return await Qcow2Image.open(dev, {
+        readOnly: true,
+        filename: p,
+        baseDir: path.dirname(p),
+        openDevice: this.opts.openDevice,
+        chain: [...chain, p],
+        l2CacheBytes: Math.max(this.clusterSize * 4, Math.floor((this.opts.l2CacheBytes ?? DEFAULT_L2_CACHE) / 4)),
+        allowCorrupt: true,
+      });
+    } catch (err) {
+      await dev.close().catch(() => {});
+      if (err instanceof BackingChainError) throw err;
+      if (QcowError.is(err)) throw new BackingChainError(p, err.message);
+      throw err;
+    }
+  }
+
+  findSnapshot(idOrName: string): Snapshot | undefined {
+    return this.snapshots.find((s) => s.id === idOrName) ?? this.snapshots.find((s) => s.name === idOrName);
+  }
+
+  // ---------------------------------------------------------------- properties
+
+  get virtualSize(): number {
+    return this.size;
+  }
+
+  get readOnly(): boolean {
+    return this.readOnlyReason !== null;
+  }
+
+  get version(): number {
+    return this.header.version;
+  }
+
+  get hasDataFile(): boolean {
+    return (this.header.incompatibleFeatures & QCOW2_INCOMPAT_DATA_FILE) !== 0;
+  }
+
+  get dataFileRaw(): boolean {
+    return (this.header.autoclearFeatures & QCOW2_AUTOCLEAR_DATA_FILE_RAW) !== 0;
+  }
+
+  get l1TableSize(): number {
+    return this.l1Size;
+  }
+
+  get l1TableOffset(): number {
+    return this.l1Offset;
+  }
+
+  /** Refcounts, loaded on demand (read-only images load them for check). */
+  async refcountManager(): Promise<RefcountManager> {
+    if (!this.refcounts) this.refcounts = await this.loadRefcounts();
+    return this.refcounts;
+  }
+
+  /** Bytes the image file (and data file) really occupy on the host. */
+  async allocatedBytes(): Promise<number> {
+    let n = hasAllocatedSize(this.dev) ? await this.dev.allocatedBytes() : this.dev.size();
+    if (this.dataDev !== this.dev) n += hasAllocatedSize(this.dataDev) ? await this.dataDev.allocatedBytes() : this.dataDev.size();
+    return n;
+  }
+
+  /** Raw L1 entry words (for check and map). */
+  l1Entry(index: number): { hi: number; lo: number } {
+    return { hi: this.l1.readUInt32BE(index * 8), lo: this.l1.readUInt32BE(index * 8 + 4) };
+  }
+
+  /** An L2 table, through the cache. */
+  async l2Table(offset: number): Promise<Buffer> {
+    return this.l2Cache.get(offset);
+  }
+
+  // ---------------------------------------------------------------- mapping
+
+  private validateL2(offset: number, _buf: Buffer): void {
+    void _buf;
+    if (offset % this.clusterSize !== 0) throw new CorruptImageError('L2 table', offset, 'offset not cluster aligned');
+  }
+
+  private l2OffsetFor(l1Index: number): number {
+    const hi = this.l1.readUInt32BE(l1Index * 8);
+    const lo = this.l1.readUInt32BE(l1Index * 8 + 4);
+    if (entryOffsetTooLarge(hi)) throw new CorruptImageError('L1 table', this.l1Offset + l1Index * 8, 'L2 table offset too large');
+    const off = entryOffset(hi, lo);
+    if (off === 0) return 0;
+    if (off % this.clusterSize !== 0) {
+      throw new CorruptImageError('L1 table', this.l1Offset + l1Index * 8, `L2 table offset 0x${off.toString(16)} not cluster aligned`);
+    }
+    if (off + this.clusterSize > this.dev.size()) {
+      throw new CorruptImageError('L1 table', this.l1Offset + l1Index * 8, `L2 table at 0x${off.toString(16)} lies past the end of the file`);
+    }
+    return off;
+  }
+
+  private l1Copied(l1Index: number): boolean {
+    return isCopied(this.l1.readUInt32BE(l1Index * 8));
+  }
+
+  /** The mapping of the run of guest space starting at `guestOffset`, at most `maxBytes` long. */
+  private async lookup(guestOffset: number, maxBytes: number): Promise<Run> {
+    const cs = this.clusterSize;
+    const tableSpan = this.l2Entries * cs;
+    const l1Index = Math.floor(guestOffset / tableSpan);
+    const toTableEnd = (l1Index + 1) * tableSpan - guestOffset;
+    const limit = Math.min(maxBytes, toTableEnd);
+    if (l1Index >= this.l1Size) {
+      return { type: SubclusterType.UnallocatedPlain, length: limit, hostOffset: 0, writable: false, compressed: null };
+    }
+    const l2Offset = this.l2OffsetFor(l1Index);
+    if (l2Offset === 0) {
+      return { type: SubclusterType.UnallocatedPlain, length: limit, hostOffset: 0, writable: false, compressed: null };
+    }
+    const table = await this.l2Cache.get(l2Offset);
+    const tableWritable = this.l1Copied(l1Index);
+    const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
+    let l2Index = Math.floor((guestOffset % tableSpan) / cs);
+    const inCluster = guestOffset % cs;
+    let sc = Math.floor(inCluster / this.subclusterSize);
+    let e = readL2Entry(table, l2Index, this.extendedL2);
+    const type = classifyL2Entry(e, sc, ctx);
+    const entryAt = (i: number) => l2Offset + i * (this.extendedL2 ? 16 : 8);
+    if (type === SubclusterType.Invalid) throw new CorruptImageError('L2 table', entryAt(l2Index), 'entry has both allocation and zero bits, or bits set on an unallocated cluster');
+    if (type === SubclusterType.Compressed) {
+      const d = decodeCompressedDescriptor(e.hi, e.lo, this.clusterBits);
+      if (Number.isNaN(d.hostOffset)) throw new CorruptImageError('L2 table', entryAt(l2Index), 'compressed cluster offset too large');
+      return { type, length: Math.min(limit, cs - inCluster), hostOffset: d.hostOffset, writable: false, compressed: d };
+    }
+    const hasHost = type === SubclusterType.Normal || type === SubclusterType.ZeroAlloc || type === SubclusterType.UnallocatedAlloc;
+    const checkHost = (ent: L2Entry, idx: number): number => {
+      if (entryOffsetTooLarge(ent.hi)) throw new CorruptImageError('L2 table', entryAt(idx), 'cluster offset too large');
+      const off = entryOffset(ent.hi, ent.lo);
+      if (off % cs !== 0) throw new CorruptImageError('L2 table', entryAt(idx), `cluster offset 0x${off.toString(16)} not cluster aligned`);
+      return off;
+    };
+    let host = hasHost ? checkHost(e, l2Index) : 0;
+    const writable = type === SubclusterType.Normal && tableWritable && (isCopied(e.hi) || this.hasDataFile);
+    const startHost = host + inCluster;
+    // Extend the run across subclusters and clusters of the same kind.
+    let length = Math.min(limit, (sc + 1) * this.subclusterSize - inCluster);
+    let expectHost = host + (sc + 1) * this.subclusterSize;
+    for (;;) {
+      if (length >= limit) break;
+      sc++;
+      if (sc >= this.subclustersPerCluster) {
+        sc = 0;
+        l2Index++;
+        if (l2Index >= this.l2Entries) break;
+        e = readL2Entry(table, l2Index, this.extendedL2);
+        const t = classifyL2Entry(e, 0, ctx);
+        if (t !== type) break;
+        if (hasHost) {
+          host = checkHost(e, l2Index);
+          if (host !== expectHost) break;
+          if (type === SubclusterType.Normal && writable !== (isCopied(e.hi) || this.hasDataFile)) break;
+        }
+      } else {
+        const t = classifyL2Entry(e, sc, ctx);
+        if (t !== type) break;
+      }
+      length = Math.min(limit, length + this.subclusterSize);
+      expectHost += this.subclusterSize;
+    }
+    if (type === SubclusterType.Normal && this.hasDataFile && this.dataFileRaw && startHost !== guestOffset) {
+      throw new CorruptImageError('L2 table', entryAt(l2Index), 'raw external data file requires guest offset == host offset');
+    }
+    return { type, length, hostOffset: startHost, writable, compressed: null };
+  }
+
+  // ---------------------------------------------------------------- read
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new InvalidRequestError(`invalid range ${offset}+${length}`);
+    }
+    if (offset + length > this.size) throw new InvalidRequestError(`range ${offset}+${length} ends past the virtual disk (${this.size} bytes)`);
+  }
+
+  /** Read `buf.length` bytes of the guest disk at `offset` (the range must lie within the disk). */
+  async read(buf: Buffer, offset: number): Promise<void> {
+    this.checkOpen();
+    this.checkRange(offset, buf.length);
+    await this.lock.shared(() => this.readGuest(buf, offset));
+  }
+
+  private async readGuest(buf: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const run = await this.lookup(offset + done, buf.length - done);
+      const part = buf.subarray(done, done + run.length);
+      await this.readRun(run, part, offset + done);
+      done += run.length;
+    }
+  }
+
+  private async readRun(run: Run, part: Buffer, guestOffset: number): Promise<void> {
+    switch (run.type) {
+      case SubclusterType.Normal:
+        await readFull(this.dataDev, part, run.hostOffset);
+        return;
+      case SubclusterType.ZeroPlain:
+      case SubclusterType.ZeroAlloc:
+        part.fill(0);
+        return;
+      case SubclusterType.UnallocatedPlain:
+      case SubclusterType.UnallocatedAlloc:
+        await this.readBacking(part, guestOffset);
+        return;
+      case SubclusterType.Compressed: {
+        const data = await this.compressedCluster(run.compressed!);
+        const inCluster = guestOffset % this.clusterSize;
+        data.copy(part, 0, inCluster, inCluster + part.length);
+        return;
+      }
+      default:
+        throw new CorruptImageError('L2 table', -1, 'invalid cluster type');
+    }
+  }
+
+  private async readBacking(part: Buffer, guestOffset: number): Promise<void> {
+    const b = this.backing;
+    if (!b || guestOffset >= b.virtualSize) {
+      part.fill(0);
+      return;
+    }
+    const n = Math.min(part.length, b.virtualSize - guestOffset);
+    await b.read(n === part.length ? part : part.subarray(0, n), guestOffset);
+    if (n < part.length) part.fill(0, n);
+  }
+
+  private async compressedCluster(d: { hostOffset: number; compressedSize: number }): Promise<Buffer> {
+    const cached = this.compressedCache.get(d.hostOffset);
+    if (cached) return cached;
+    const raw = Buffer.alloc(d.compressedSize);
+    await readFull(this.dataDev === this.dev ? this.dev : this.dev, raw, d.hostOffset);
+    let out: Buffer;
+    try {
+      out = decompressCluster(this.header.compressionType, raw, this.clusterSize);
+    } catch (err) {
+      if (err instanceof DecompressionError) throw new CorruptImageError('compressed cluster', d.hostOffset, err.message);
+      throw err;
+    }
+    this.compressedCache.set(d.hostOffset, out);
+    if (this.compressedCache.size > COMPRESSED_CACHE_CLUSTERS) {
+      this.compressedCache.delete(this.compressedCache.keys().next().value as number);
+    }
+    return out;
+  }
+
+  // ---------------------------------------------------------------- block status
+
+  /** Block status of [offset, offset+length) in qemu-img map's terms. */
+  async blockStatus(offset: number, length: number): Promise<MapExtent[]> {
+    this.checkOpen();
+    const end = Math.min(offset + length, this.size);
+    const out: MapExtent[] = [];
+    await this.lock.shared(async () => {
+      let pos = offset;
+      while (pos < end) {
+        const run = await this.lookup(pos, end - pos);
+        await this.runStatus(run, pos, out);
+        pos += run.length;
+      }
+    });
+    return mergeExtents(out);
+  }
+
+  private async runStatus(run: Run, pos: number, out: MapExtent[]): Promise<void> {
+    const base = { start: pos, length: run.length, depth: 0, compressed: false };
+    switch (run.type) {
+      case SubclusterType.Normal:
+        out.push({ ...base, present: true, zero: false, data: true, offset: run.hostOffset });
+        return;
+      case SubclusterType.ZeroAlloc:
+        out.push({ ...base, present: true, zero: true, data: false, offset: run.hostOffset });
+        return;
+      case SubclusterType.ZeroPlain:
+        out.push({ ...base, present: true, zero: true, data: false, offset: null });
+        return;
+      case SubclusterType.Compressed:
+        out.push({ ...base, present: true, zero: false, data: true, compressed: true, offset: null });
+        return;
+      default: {
+        const b = this.backing;
+        if (!b || pos >= b.virtualSize) {
+          out.push({ ...base, present: false, zero: true, data: false, offset: null });
+          return;
+        }
+        const inBacking = Math.min(run.length, b.virtualSize - pos);
+        for (const e of await b.blockStatus(pos, inBacking)) out.push({ ...e, depth: e.depth + 1 });
+        if (inBacking < run.length) {
+          out.push({ start: pos + inBacking, length: run.length - inBacking, depth: 0, present: false, zero: true, data: false, compressed: false, offset: null });
+        }
+      }
+    }
+  }
+
+  /**
+   * lseek(SEEK_DATA): the first offset >= `offset` that holds data (zero
+   * clusters and unallocated ranges are holes). OutOfRangeError (ENXIO) when
+   * there is none or `offset` is at or past the end.
+   */
+  async seekData(offset: number): Promise<number> {
+    if (offset < 0 || offset >= this.size) throw new OutOfRangeError(`offset ${offset} is at or past the end of the disk`);
+    const found = await this.scan(offset, (e) => e.data);
+    if (found === null) throw new OutOfRangeError(`no data at or after offset ${offset}`);
+    return found;
+  }
+
+  /** lseek(SEEK_HOLE): the first hole at or after `offset`; the end of the disk counts as one. */
+  async seekHole(offset: number): Promise<number> {
+    if (offset < 0 || offset >= this.size) throw new OutOfRangeError(`offset ${offset} is at or past the end of the disk`);
+    const found = await this.scan(offset, (e) => !e.data);
+    return found ?? this.size;
+  }
+
+  private async scan(offset: number, match: (e: MapExtent) => boolean): Promise<number | null> {
+    const step = Math.max(this.l2Entries * this.clusterSize, 64 * 1024 * 1024);
+    let pos = offset;
+    while (pos < this.size) {
+      const len = Math.min(step - (pos % step), this.size - pos);
+      for (const e of await this.blockStatus(pos, len)) {
+        if (match(e)) return Math.max(e.start, offset);
+      }
+      pos += len;
+    }
+    return null;
+  }
+
+  // ---------------------------------------------------------------- write
+
+  private checkOpen(): void {
+    if (this.closed) throw new InvalidRequestError('image is closed');
+  }
+
+  private checkWritable(): void {
+    this.checkOpen();
+    if (this.readOnlyReason !== null) throw new ReadOnlyImageError(this.readOnlyReason);
+  }
+
+  /** Write `data` at guest `offset` (the range must lie within the disk). */
+  async write(data: Buffer, offset: number): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, data.length);
+    if (data.length === 0) return;
+    // In-place writes to clusters we own change no metadata: they share the lock.
+    const inPlace = await this.lock.shared(async () => {
+      const runs: Run[] = [];
+      let done = 0;
+      while (done < data.length) {
+        const run = await this.lookup(offset + done, data.length - done);
+        if (!run.writable) return false;
+        runs.push(run);
+        done += run.length;
+      }
+      done = 0;
+      for (const run of runs) {
+        await this.dataDev.pwrite(data.subarray(done, done + run.length), run.hostOffset);
+        done += run.length;
+      }
+      return true;
+    });
+    if (inPlace) return;
+    await this.exclusive(() => this.writeLocked(data, offset));
+  }
+
+  /** Run a metadata-changing operation; corruption found on the way stops all writing. */
+  private async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return this.lock.exclusive(async () => {
+      this.checkWritable();
+      try {
+        await this.markDirtyIfLazy();
+        const r = await fn();
+        if (this.pendingFrees.length > MAX_PENDING_FREES) await this.flushMetadata();
+        return r;
+      } catch (err) {
+        if (err instanceof CorruptImageError) await this.markCorrupt(err);
+        throw err;
+      }
+    });
+  }
+
+  private async writeLocked(data: Buffer, offset: number): Promise<void> {
+    const cs = this.clusterSize;
+    let done = 0;
+    while (done < data.length) {
+      const pos = offset + done;
+      // Batch: a run of whole, unallocated clusters in one L2 table gets one allocation and one write.
+      const batched = await this.tryBatchAllocate(data.subarray(done), pos);
+      if (batched > 0) {
+        done += batched;
+        continue;
+      }
+      const inCluster = pos % cs;
+      const n = Math.min(cs - inCluster, data.length - done);
+      await this.writeCluster(pos - inCluster, inCluster, data.subarray(done, done + n));
+      done += n;
+    }
+  }
+
+  /**
+   * Whole clusters that are unallocated or plain zero with no host cluster
+   * (and no subcluster state to keep) get fresh contiguous clusters.
+   * Returns the bytes written (0 when the fast path does not apply).
+   */
+  private async tryBatchAllocate(data: Buffer, pos: number): Promise<number> {
+    const cs = this.clusterSize;
+    if (pos % cs !== 0 || data.length < cs || this.hasDataFile) return 0;
+    const tableSpan = this.l2Entries * cs;
+    const l1Index = Math.floor(pos / tableSpan);
+    const maxClusters = Math.min(Math.floor(data.length / cs), this.l2Entries - Math.floor((pos % tableSpan) / cs));
+    const l2Offset = await this.l2ForWrite(l1Index);
+    let table = await this.l2Cache.get(l2Offset);
+    const first = Math.floor((pos % tableSpan) / cs);
+    let count = 0;
+    while (count < maxClusters) {
+      const e = readL2Entry(table, first + count, this.extendedL2);
+      if (isCompressed(e.hi) || entryOffset(e.hi, e.lo) !== 0) break;
+      count++;
+    }
+    if (count === 0) return 0;
+    const host = await this.refcounts!.allocate(count);
+    await this.dataDev.pwrite(data.subarray(0, count * cs), host);
+    table = await this.l2Cache.get(l2Offset);
+    for (let i = 0; i < count; i++) {
+      const { hi, lo } = encodeOffsetEntry(host + i * cs, true);
+      writeL2Entry(table, first + i, { hi, lo, bitmapHi: 0, bitmapLo: this.extendedL2 ? 0xffffffff : 0 }, this.extendedL2);
+    }
+    this.l2Cache.markDirty(l2Offset);
+    return count * cs;
+  }
+
+  /**
+   * Write `data` at byte `inCluster` of the guest cluster at `clusterStart`
+   * (data stays within the cluster): in place when the host cluster is ours,
+   * otherwise into a new cluster filled from the old contents (copy-on-write).
+   */
+  private async writeCluster(clusterStart: number, inCluster: number, data: Buffer): Promise<void> {
+    const cs = this.clusterSize;
+    const scs = this.subclusterSize;
+    const tableSpan = this.l2Entries * cs;
+    const l1Index = Math.floor(clusterStart / tableSpan);
+    const l2Index = Math.floor((clusterStart % tableSpan) / cs);
+    const l2Offset = await this.l2ForWrite(l1Index);
+    const table = await this.l2Cache.get(l2Offset);
+    const old = readL2Entry(table, l2Index, this.extendedL2);
+    const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
+    const types: SubclusterType[] = [];
+    for (let s = 0; s < this.subclustersPerCluster; s++) {
+      const t = classifyL2Entry(old, s, ctx);
+      if (t === SubclusterType.Invalid) throw new CorruptImageError('L2 table', l2Offset + l2Index * (this.extendedL2 ? 16 : 8), 'invalid subcluster bitmap');
+      types.push(t);
+    }
+    const compressed = isCompressed(old.hi);
+    const oldHost = compressed ? 0 : entryOffset(old.hi, old.lo);
+    const hasOldHost = !compressed && (oldHost !== 0 || (this.hasDataFile && isCopied(old.hi)));
+    if (hasOldHost && oldHost % cs !== 0) throw new CorruptImageError('L2 table', l2Offset + l2Index * 8, `cluster offset 0x${oldHost.toString(16)} not cluster aligned`);
+    const ownHost = hasOldHost && (isCopied(old.hi) || this.hasDataFile);
+    const firstSc = Math.floor(inCluster / scs);
+    const lastSc = Math.floor((inCluster + data.length - 1) / scs);
+    // The new cluster image: only the parts we write are meaningful.
+    const buf = Buffer.alloc(ownHost ? (lastSc - firstSc + 1) * scs : cs);
+    const bufBase = ownHost ? firstSc * scs : 0;
+    const oldView = async (s: number, into: Buffer): Promise<void> => {
+      // Guest-visible contents of subcluster s before this write.
+      const t = types[s];
+      if (t === SubclusterType.Normal) await readFull(this.dataDev, into, oldHost + s * scs);
+      else if (t === SubclusterType.Compressed) {
+        const d = decodeCompressedDescriptor(old.hi, old.lo, this.clusterBits);
+        (await this.compressedCluster(d)).copy(into, 0, s * scs, (s + 1) * scs);
+      } else if (isZeroType(t)) into.fill(0);
+      else await this.readBacking(into, clusterStart + s * scs);
+    };
+    const newTypes = types.slice();
+    for (let s = 0; s < this.subclustersPerCluster; s++) {
+      const touched = s >= firstSc && s <= lastSc;
+      if (touched) {
+        const sStart = s * scs;
+        const covered = inCluster <= sStart && inCluster + data.length >= sStart + scs;
+        const view = buf.subarray(sStart - bufBase, sStart - bufBase + scs);
+        if (!covered) await oldView(s, view);
+        newTypes[s] = SubclusterType.Normal;
+      } else if (!ownHost && (types[s] === SubclusterType.Normal || types[s] === SubclusterType.Compressed)) {
+        await oldView(s, buf.subarray(s * scs, (s + 1) * scs));
+        newTypes[s] = SubclusterType.Normal;
+      }
+    }
+    data.copy(buf, inCluster - bufBase);
+    let host: number;
+    if (ownHost) {
+      host = oldHost;
+    } else if (this.hasDataFile) {
+      host = clusterStart; // external data files map guest offset == host offset
+    } else {
+      host = await this.refcounts!.allocate(1);
+    }
+    await this.dataDev.pwrite(buf, host + bufBase);
+    // New entry.
+    const entry: L2Entry = { ...encodeOffsetEntry(host, true), bitmapHi: 0, bitmapLo: 0 };
+    if (this.extendedL2) {
+      for (let s = 0; s < 32; s++) {
+        const t = newTypes[s];
+        if (t === SubclusterType.Normal) entry.bitmapLo |= 1 << s;
+        else if (isZeroType(t)) entry.bitmapHi |= 1 << s;
+      }
+      entry.bitmapLo >>>= 0;
+      entry.bitmapHi >>>= 0;
+    }
+    const t2 = await this.l2Cache.get(l2Offset);
+    writeL2Entry(t2, l2Index, entry, this.extendedL2);
+    this.l2Cache.markDirty(l2Offset);
+    if (!ownHost) this.releaseOld(old, compressed, hasOldHost, oldHost);
+  }
+
+  /** Queue the refcount decrement of what an overwritten entry referenced. */
+  private releaseOld(old: L2Entry, compressed: boolean, hasOldHost: boolean, oldHost: number): void {
+    if (this.hasDataFile) return; // data file clusters are not refcounted
+    if (compressed) {
+      const d = decodeCompressedDescriptor(old.hi, old.lo, this.clusterBits);
+      const first = Math.floor(alignDown(d.hostOffset, 512) / this.clusterSize);
+      const last = Math.floor((alignDown(d.hostOffset, 512) + Math.ceil((d.compressedSize + (d.hostOffset % 512)) / 512) * 512 - 1) / this.clusterSize);
+      for (let c = first; c <= last; c++) this.pendingFrees.push(c);
+      this.compressedCache.delete(d.hostOffset);
+    } else if (hasOldHost) {
+      this.pendingFrees.push(oldHost / this.clusterSize);
+    }
+  }
+
+  /** The L2 table for `l1Index`, allocated or copied (if shared with a snapshot) so it may be written. */
+  private async l2ForWrite(l1Index: number): Promise<number> {
+    if (l1Index >= this.l1Size) throw new CorruptImageError('L1 table', this.l1Offset, `guest offset beyond the L1 table (${this.l1Size} entries)`);
+    const hi = this.l1.readUInt32BE(l1Index * 8);
+    const lo = this.l1.readUInt32BE(l1Index * 8 + 4);
+    if ((hi & L1E_RESERVED_HI) || (lo & L1E_RESERVED_LO)) {
+      throw new CorruptImageError('L1 table', this.l1Offset + l1Index * 8, 'reserved bits set in L1 entry');
+    }
+    const oldOffset = this.l2OffsetFor(l1Index);
+    if (oldOffset !== 0 && isCopied(hi)) return oldOffset;
+    const rc = this.refcounts!;
+    const newOffset = await rc.allocate(1);
+    let content: Buffer;
+    if (oldOffset === 0) {
+      content = Buffer.alloc(this.clusterSize);
+    } else {
+      content = Buffer.from(await this.l2Cache.get(oldOffset));
+    }
+    await this.dev.pwrite(content, newOffset);
+    await this.l2Cache.install(newOffset, content, false);
+    await rc.flush();
+    await this.writeL1Entry(l1Index, newOffset, true);
+    if (oldOffset !== 0) this.pendingFrees.push(oldOffset / this.clusterSize);
+    return newOffset;
+  }
+
+  private async writeL1Entry(index: number, l2Offset: number, copied: boolean): Promise<void> {
+    if (l2Offset === 0) {
+      this.l1.writeUInt32BE(0, index * 8);
+      this.l1.writeUInt32BE(0, index * 8 + 4);
+    } else {
+      const { hi, lo } = encodeOffsetEntry(l2Offset, copied);
+      this.l1.writeUInt32BE(hi, index * 8);
+      this.l1.writeUInt32BE(lo, index * 8 + 4);
+    }
+    await this.dev.pwrite(this.l1.subarray(index * 8, index * 8 + 8), this.l1Offset + index * 8);
+  }
+
+  // ---------------------------------------------------------------- zeroes, discard
+
+  /**
+   * Make [offset, offset+length) read as zeroes. Whole clusters become zero
+   * clusters (v3) or holes (v2 without a backing file); with `unmap` their
+   * host clusters are freed, otherwise kept allocated where they are ours.
+   * Partial clusters get zero bytes written.
+   */
+  async writeZeroes(offset: number, length: number, opts: { unmap?: boolean } = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    await this.exclusive(() => this.zeroLocked(offset, length, !!opts.unmap));
+  }
+
+  /** Discard (PUNCH_HOLE): the range reads as zeroes afterwards and its clusters are freed. */
+  async discard(offset: number, length: number): Promise<void> {
+    await this.writeZeroes(offset, length, { unmap: true });
+  }
+
+  private async zeroLocked(offset: number, length: number, unmap: boolean): Promise<void> {
+    const cs = this.clusterSize;
+    const scs = this.subclusterSize;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const clusterStart = alignDown(pos, cs);
+      const clusterEnd = Math.min(clusterStart + cs, end);
+      // The cluster's tail past the end of the disk counts as covered.
+      const coverEnd = clusterEnd === end && end === this.size ? clusterStart + cs : clusterEnd;
+      const a = pos - clusterStart;
+      const b = coverEnd - clusterStart;
+      const firstFull = Math.ceil(a / scs);
+      const lastFull = Math.floor(b / scs); // exclusive
+      const canFlag = this.version >= 3;
+      if (canFlag && lastFull > firstFull) {
+        if (a < firstFull * scs) await this.zeroBytes(clusterStart + a, firstFull * scs - a);
+        await this.zeroSubclusters(clusterStart, firstFull, lastFull, unmap);
+        const tail = Math.min(b, clusterEnd - clusterStart);
+        if (tail > lastFull * scs) await this.zeroBytes(clusterStart + lastFull * scs, tail - lastFull * scs);
+      } else if (!canFlag && a === 0 && b === cs && !this.backing) {
+        await this.unallocateCluster(clusterStart);
+      } else {
+        await this.zeroBytes(pos, clusterEnd - pos);
+      }
+      pos = clusterEnd;
+    }
+  }
+
+  /** Write literal zeroes, unless the range already reads as zeroes. */
+  private async zeroBytes(pos: number, len: number): Promise<void> {
+    if (len <= 0) return;
+    const run = await this.lookup(pos, len);
+    if (run.length >= len) {
+      if (isZeroType(run.type)) return;
+      if ((run.type === SubclusterType.UnallocatedPlain || run.type === SubclusterType.UnallocatedAlloc) && (!this.backing || pos >= this.backing.virtualSize)) return;
+    }
+    await this.writeLocked(Buffer.alloc(len), pos);
+  }
+
+  /** Mark subclusters [first, last) of a cluster as zero (v3 / extended L2). */
+  private async zeroSubclusters(clusterStart: number, first: number, last: number, unmap: boolean): Promise<void> {
+    const cs = this.clusterSize;
+    const tableSpan = this.l2Entries * cs;
+    const l1Index = Math.floor(clusterStart / tableSpan);
+    const l2Index = Math.floor((clusterStart % tableSpan) / cs);
+    // Nothing to do where the cluster is unallocated, nothing shows through and the L2 table is absent.
+    if (this.l2OffsetFor(l1Index) === 0 && (!this.backing || clusterStart >= this.backing.virtualSize)) return;
+    const l2Offset = await this.l2ForWrite(l1Index);
+    const table = await this.l2Cache.get(l2Offset);
+    const old = readL2Entry(table, l2Index, this.extendedL2);
+    const compressed = isCompressed(old.hi);
+    const oldHost = compressed ? 0 : entryOffset(old.hi, old.lo);
+    const hasOldHost = !compressed && (oldHost !== 0 || (this.hasDataFile && isCopied(old.hi)));
+    const ownHost = hasOldHost && (isCopied(old.hi) || this.hasDataFile);
+    const whole = first === 0 && last === this.subclustersPerCluster;
+    let entry: L2Entry;
+    let release = false;
+    if (!this.extendedL2) {
+      if (!whole) throw new Error('unreachable: partial zeroing without subclusters');
+      if (hasOldHost && ownHost && !unmap) {
+        entry = { ...encodeOffsetEntry(oldHost, true, true), bitmapHi: 0, bitmapLo: 0 };
+      } else {
+        entry = { hi: 0, lo: QCOW_OFLAG_ZERO_LO, bitmapHi: 0, bitmapLo: 0 };
+        release = hasOldHost || compressed;
+      }
+    } else {
+      const mask = subclusterMask(first, last - first);
+      if (compressed || (hasOldHost && !ownHost)) {
+        if (!whole) {
+          // Keep the other subclusters: rewrite via copy-on-write first, then zero the part.
+          await this.writeCluster(clusterStart, first * this.subclusterSize, Buffer.alloc((last - first) * this.subclusterSize));
+          return this.zeroSubclusters(clusterStart, first, last, unmap);
+        }
+        entry = { hi: 0, lo: 0, bitmapHi: 0xffffffff, bitmapLo: 0 };
+        release = true;
+      } else if (hasOldHost) {
+        const bitmapLo = (old.bitmapLo & ~mask) >>> 0;
+        const bitmapHi = (old.bitmapHi | mask) >>> 0;
+        if (whole && unmap) {
+          entry = { hi: 0, lo: 0, bitmapHi: 0xffffffff, bitmapLo: 0 };
+          release = true;
+        } else {
+          entry = { hi: old.hi, lo: old.lo, bitmapHi, bitmapLo };
+        }
+      } else {
+        entry = { hi: 0, lo: 0, bitmapHi: (old.bitmapHi | mask) >>> 0, bitmapLo: 0 };
+      }
+    }
+    const t2 = await this.l2Cache.get(l2Offset);
+    writeL2Entry(t2, l2Index, entry, this.extendedL2);
+    this.l2Cache.markDirty(l2Offset);
+    if (release) this.releaseOld(old, compressed, hasOldHost, oldHost);
+  }
+
+  /** v2 without backing: drop the cluster's mapping (reads as zeroes). */
+  private async unallocateCluster(clusterStart: number): Promise<void> {
+    const cs = this.clusterSize;
+    const tableSpan = this.l2Entries * cs;
+    const l1Index = Math.floor(clusterStart / tableSpan);
+    if (this.l2OffsetFor(l1Index) === 0) return;
+    const l2Index = Math.floor((clusterStart % tableSpan) / cs);
+    const l2Offset = await this.l2ForWrite(l1Index);
+    const table = await this.l2Cache.get(l2Offset);
+    const old = readL2Entry(table, l2Index, this.extendedL2);
+    if (old.hi === 0 && old.lo === 0) return;
+    const compressed = isCompressed(old.hi);
+    const oldHost = compressed ? 0 : entryOffset(old.hi, old.lo);
+    writeL2Entry(table, l2Index, { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 }, this.extendedL2);
+    this.l2Cache.markDirty(l2Offset);
+    this.releaseOld(old, compressed, oldHost !== 0, oldHost);
+  }
+
+  // ---------------------------------------------------------------- resize
+
+  /**
+   * Resize the virtual disk. Growing makes the new space read as zeroes
+   * (even over a longer backing file); shrinking frees the clusters past the
+   * end and is refused while internal snapshots exist.
+   */
+  async resize(newSize: number): Promise<void> {
+    this.checkWritable();
+    if (!Number.isSafeInteger(newSize) || newSize < 0 || newSize > QCOW_MAX_VIRTUAL_SIZE) throw new InvalidRequestError(`invalid size ${newSize}`);
+    await this.exclusive(async () => {
+      const oldSize = this.size;
+      if (newSize === oldSize) return;
+      if (newSize < oldSize) {
+        if (this.snapshots.length > 0) throw new InvalidRequestError("can't shrink an image which has internal snapshots");
+        await this.shrinkLocked(newSize);
+      } else {
+        await this.growLocked(oldSize, newSize);
+      }
+    });
+  }
+
+  private async growLocked(oldSize: number, newSize: number): Promise<void> {
+    const need = l1EntriesFor(newSize, this.clusterBits, this.extendedL2);
+    if (need * 8 > QCOW_MAX_L1_SIZE_BYTES) throw new InvalidRequestError(`size ${newSize} needs an L1 table larger than QEMU allows`);
+    if (need > this.l1Size) await this.growL1(need);
+    this.size = newSize;
+    // The old last cluster's tail, and anything a longer backing file would show, must read as zeroes.
+    let zeroEnd = Math.min(newSize, alignUp(oldSize, this.clusterSize));
+    if (this.backing) zeroEnd = Math.max(zeroEnd, Math.min(newSize, this.backing.virtualSize));
+    if (zeroEnd > oldSize) await this.zeroLocked(oldSize, zeroEnd - oldSize, true);
+    this.header.size = newSize;
+    await this.flushMetadata();
+    await this.writeHeader();
+    await this.dev.flush();
+  }
+
+  private async growL1(entries: number): Promise<void> {
+    const rc = this.refcounts!;
+    const bytes = entries * 8;
+    const clusters = Math.ceil(bytes / this.clusterSize);
+    const newOffset = await rc.allocate(clusters);
+    const buf = Buffer.alloc(clusters * this.clusterSize);
+    this.l1.copy(buf);
+    await this.dev.pwrite(buf, newOffset);
+    await rc.flush();
+    await this.dev.flush();
+    const oldOffset = this.l1Offset;
+    const oldClusters = Math.ceil((this.l1Size * 8) / this.clusterSize);
+    this.l1 = buf.subarray(0, bytes);
+    this.l1Offset = newOffset;
+    this.l1Size = entries;
+    this.header.l1TableOffset = newOffset;
+    this.header.l1Size = entries;
+    await this.writeHeader();
+    await this.dev.flush();
+    for (let c = 0; c < oldClusters; c++) this.pendingFrees.push(oldOffset / this.clusterSize + c);
+  }
+
+  private async shrinkLocked(newSize: number): Promise<void> {
+    const cs = this.clusterSize;
+    const firstGone = alignUp(newSize, cs);
+    const tableSpan = this.l2Entries * cs;
+    // Free every cluster wholly past the new end, then the L2 tables wholly past it.
+    for (let pos = firstGone; pos < this.size;) {
+      const l1Index = Math.floor(pos / tableSpan);
+      const tableEnd = Math.min((l1Index + 1) * tableSpan, alignUp(this.size, cs));
+      const l2Offset = this.l2OffsetFor(l1Index);
+      if (l2Offset !== 0) {
+        const tableOwned = this.l1Copied(l1Index);
+        const l2 = tableOwned ? l2Offset : await this.l2ForWrite(l1Index);
+        const table = await this.l2Cache.get(l2);
+        for (let p = pos; p < tableEnd; p += cs) {
+          const i = Math.floor((p % tableSpan) / cs);
+          const e = readL2Entry(table, i, this.extendedL2);
+          const comp = isCompressed(e.hi);
+          const host = comp ? 0 : entryOffset(e.hi, e.lo);
+          const hasHost = !comp && (host !== 0 || (this.hasDataFile && isCopied(e.hi)));
+          if (comp || hasHost) this.releaseOld(e, comp, hasHost, host);
+          writeL2Entry(table, i, { hi: 0, lo: 0, bitmapHi: 0, bitmapLo: 0 }, this.extendedL2);
+        }
+        this.l2Cache.markDirty(l2);
+        if (pos % tableSpan === 0) {
+          // The whole table is past the end: drop it.
+          await this.flushMetadata();
+          const cur = this.l2OffsetFor(l1Index);
+          await this.writeL1Entry(l1Index, 0, false);
+          this.l2Cache.discard(cur);
+          this.pendingFrees.push(cur / cs);
+        }
+      }
+      pos = tableEnd;
+    }
+    this.size = newSize;
+    this.header.size = newSize;
+    await this.flushMetadata();
+    await this.writeHeader();
+    await this.dev.flush();
+  }
+
+  // ---------------------------------------------------------------- flush, close
+
+  /** Write all metadata in dependency order and sync the image (and data file). */
+  async flush(): Promise<void> {
+    this.checkOpen();
+    if (this.readOnlyReason !== null) return;
+    await this.lock.exclusive(async () => {
+      await this.flushMetadata();
+      await this.dev.flush();
+      if (this.dataDev !== this.dev) await this.dataDev.flush();
+    });
+  }
+
+  /**
+   * Refcount blocks, then L2 tables (the cache orders those two), then the
+   * deferred decrements of clusters those tables no longer reference.
+   */
+  private async flushMetadata(): Promise<void> {
+    if (!this.refcounts) return;
+    await this.refcounts.flush();
+    await this.l2Cache.flush();
+    if (this.pendingFrees.length > 0) {
+      const frees = this.pendingFrees;
+      this.pendingFrees = [];
+      for (const c of frees) {
+        await this.refcounts.adjust(c, -1);
+        this.l2Cache.discard(c * this.clusterSize);
+      }
+      await this.refcounts.flush();
+    }
+  }
+
+  private async markDirtyIfLazy(): Promise<void> {
+    if (this.dirtyBitSet || !(this.header.compatibleFeatures & QCOW2_COMPAT_LAZY_REFCOUNTS) || this.version < 3) return;
+    this.header.incompatibleFeatures |= QCOW2_INCOMPAT_DIRTY;
+    await this.writeHeader();
+    await this.dev.flush();
+    this.dirtyBitSet = true;
+  }
+
+  /** Rewrite the header cluster from `this.header`. */
+  async writeHeader(): Promise<void> {
+    const buf = encodeHeader(this.header, this.clusterSize);
+    await this.dev.pwrite(buf, 0);
+  }
+
+  /** Metadata contradicts itself: set the corrupt bit (as QEMU does) and stop writing. */
+  private async markCorrupt(err: CorruptImageError): Promise<void> {
+    if (this.readOnlyReason !== null) return;
+    this.readOnlyReason = `image marked corrupt: ${err.message}`;
+    if (this.version >= 3) {
+      this.header.incompatibleFeatures |= QCOW2_INCOMPAT_CORRUPT;
+      try {
+        await this.writeHeader();
+        await this.dev.flush();
+      } catch {
+        // The header could not be written; the image stays read-only in this process.
+      }
+    }
+  }
+
+  /** Why writes are refused, or null. */
+  get readOnlyWhy(): string | null {
+    return this.readOnlyReason;
+  }
+
+  /** Flush (when writable) and release the image and its chain. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (this.readOnlyReason === null) {
+        await this.lock.exclusive(async () => {
+          await this.flushMetadata();
+          if (this.dirtyBitSet) {
+            this.header.incompatibleFeatures &= ~QCOW2_INCOMPAT_DIRTY;
+            await this.dev.flush();
+            await this.writeHeader();
+            this.dirtyBitSet = false;
+          }
+          await this.dev.flush();
+          if (this.dataDev !== this.dev) await this.dataDev.flush();
+        });
+      }
+    } finally {
+      this.closed = true;
+      await this.closeChain();
+    }
+  }
+
+  private async closeChain(): Promise<void> {
+    if (this.backing) await this.backing.close().catch(() => {});
+    if (this.dataDev !== this.dev) await this.dataDev.close().catch(() => {});
+    await this.dev.close().catch(() => {});
+  }
+
+  // ---------------------------------------------------------------- helpers for check/info
+
+  /** Every L2 entry of an L1 table, for walkers (check, info). */
+  async forEachL2Entry(
+    l1Offset: number,
+    l1Size: number,
+    fn: (e: L2Entry, entryHostOffset: number, l1Index: number, l2Index: number) => void | Promise<void>,
+    onL1?: (l2Offset: number, copied: boolean, l1Index: number) => void | Promise<void>,
+  ): Promise<void> {
+    const l1 = Buffer.alloc(l1Size * 8);
+    await readFull(this.dev, l1, l1Offset);
+    for (let i = 0; i < l1Size; i++) {
+      const hi = l1.readUInt32BE(i * 8);
+      const lo = l1.readUInt32BE(i * 8 + 4);
+      const off = entryOffset(hi, lo);
+      if (off === 0) continue;
+      if (onL1) await onL1(off, isCopied(hi), i);
+      if (off % this.clusterSize !== 0 || off + this.clusterSize > this.dev.size()) continue;
+      const table = await this.l2Cache.get(off);
+      const copy = Buffer.from(table);
+      const esz = this.extendedL2 ? 16 : 8;
+      for (let j = 0; j < this.l2Entries; j++) {
+        const e = readL2Entry(copy, j, this.extendedL2);
+        if (e.hi === 0 && e.lo === 0 && e.bitmapHi === 0 && e.bitmapLo === 0) continue;
+        await fn(e, off + j * esz, i, j);
+      }
+    }
+  }
+
+  /** Re-read L1 and refcounts after the metadata was rewritten on disk (refcount rebuild). */
+  async reloadMetadata(): Promise<void> {
+    await readFull(this.dev, this.l1, this.l1Offset);
+    this.l2Cache.dropClean();
+    this.compressedCache.clear();
+    this.refcounts = await this.loadRefcounts();
+  }
+}
+
+/** Decode an L1/refcount table of u64 offsets (used by check). */
+export function decodeOffsetTable(buf: Buffer): number[] {
+  const out: number[] = [];
+  for (let i = 0; i + 8 <= buf.length; i += 8) {
+    const v = readU64(buf, i);
+    out.push(Number.isNaN(v) ? -1 : v);
+  }
+  return out;
+}
+
+export { writeU64, fromWords, isAllocatedType };

@@ -1,0 +1,84 @@
+/**
+ * A layer of a backing chain: anything that can be read as a virtual disk
+ * and say which of its ranges hold data. A qcow2 image is one; a raw file
+ * used as a backing file is another.
+ */
+import { BlockDevice, readFull } from '../io/block-device';
+
+/** One extent of block status, in the shape of `qemu-img map --output=json`. */
+export interface MapExtent {
+  start: number;
+  length: number;
+  /** Chain depth that decides this range (0 = the image itself). */
+  depth: number;
+  /** Allocated in the layer at `depth` (data or zero there). */
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed: boolean;
+  /** Host offset in `file`, when the range maps to one. */
+  offset: number | null;
+}
+
+export interface Layer {
+  /** Guest-visible size in bytes. */
+  readonly virtualSize: number;
+  /** Format name, as qemu-img names it ("qcow2", "raw"). */
+  readonly format: string;
+  /** Path or name for messages. */
+  readonly filename: string;
+  /** The layer below, if any. */
+  readonly backing: Layer | null;
+  /** Read `buf.length` bytes at `offset` (must lie within virtualSize). */
+  read(buf: Buffer, offset: number): Promise<void>;
+  /** Block status of [offset, offset+length), walking the chain below; depth counted from this layer. */
+  blockStatus(offset: number, length: number): Promise<MapExtent[]>;
+  close(): Promise<void>;
+}
+
+/** A raw file as a layer (a raw backing file). */
+export class RawLayer implements Layer {
+  readonly format = 'raw';
+  readonly backing = null;
+  constructor(private readonly dev: BlockDevice, readonly filename: string) {}
+
+  get virtualSize(): number {
+    return this.dev.size();
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    await readFull(this.dev, buf, offset);
+  }
+
+  async blockStatus(offset: number, length: number): Promise<MapExtent[]> {
+    return [{ start: offset, length, depth: 0, present: true, zero: false, data: true, compressed: false, offset }];
+  }
+
+  async close(): Promise<void> {
+    await this.dev.close();
+  }
+}
+
+/** Merge adjacent extents that qemu-img map would print as one. */
+export function mergeExtents(extents: MapExtent[]): MapExtent[] {
+  const out: MapExtent[] = [];
+  for (const e of extents) {
+    if (e.length === 0) continue;
+    const last = out[out.length - 1];
+    if (
+      last &&
+      last.start + last.length === e.start &&
+      last.depth === e.depth &&
+      last.present === e.present &&
+      last.zero === e.zero &&
+      last.data === e.data &&
+      last.compressed === e.compressed &&
+      ((last.offset === null && e.offset === null) || (last.offset !== null && e.offset !== null && last.offset + last.length === e.offset))
+    ) {
+      last.length += e.length;
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}
