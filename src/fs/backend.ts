@@ -1,0 +1,71 @@
+/**
+ * What a file in the mount is backed by: a byte range a filesystem can read,
+ * write, resize and ask about sparseness. The active image, a snapshot view
+ * and a partition window all fit this shape.
+ */
+import { Qcow2Image } from '../qcow2/image';
+
+export interface FileBackend {
+  readonly readOnly: boolean;
+  /** Why the file is read-only, for messages. */
+  readonly readOnlyReason: string | null;
+  size(): number;
+  read(buf: Buffer, offset: number): Promise<void>;
+  write(data: Buffer, offset: number): Promise<void>;
+  resize(size: number): Promise<void>;
+  writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
+  seekData(offset: number): Promise<number>;
+  seekHole(offset: number): Promise<number>;
+  flush(): Promise<void>;
+  /** Bytes really held on the host for this file (st_blocks * 512). */
+  allocatedBytes(): Promise<number>;
+}
+
+/** The active layer (or a snapshot view) of a qcow2 image as a file. */
+export class ImageBackend implements FileBackend {
+  constructor(readonly image: Qcow2Image) {}
+
+  get readOnly(): boolean {
+    return this.image.readOnly;
+  }
+
+  get readOnlyReason(): string | null {
+    return this.image.readOnlyWhy;
+  }
+
+  size(): number {
+    return this.image.virtualSize;
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.image.read(buf, offset);
+  }
+
+  write(data: Buffer, offset: number): Promise<void> {
+    return this.image.write(data, offset);
+  }
+
+  resize(size: number): Promise<void> {
+    return this.image.resize(size);
+  }
+
+  writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
+    return this.image.writeZeroes(offset, length, { unmap });
+  }
+
+  seekData(offset: number): Promise<number> {
+    return this.image.seekData(offset);
+  }
+
+  seekHole(offset: number): Promise<number> {
+    return this.image.seekHole(offset);
+  }
+
+  flush(): Promise<void> {
+    return this.image.flush();
+  }
+
+  allocatedBytes(): Promise<number> {
+    return this.image.allocatedBytes();
+  }
+}

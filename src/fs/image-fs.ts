@@ -1,0 +1,314 @@
+/**
+ * The filesystem a mount serves: a root directory holding one raw file per
+ * view (or, mounted over a regular file, that one file as the root), each
+ * backed by a FileBackend. Reads are clamped at the end of the file, writes
+ * past it grow the disk, SETATTR size resizes it, LSEEK and FALLOCATE speak
+ * the image's sparseness.
+ */
+import * as fs from 'fs';
+import { constants } from 'os';
+import {
+  FuseFilesystem, RequestContext, NodeId, FileHandle, Entry, AttrReply, SetattrChanges, OpenReply, DirEntry,
+  Statfs, Attr, FuseErrno, FUSE_ROOT_ID, SEEK_DATA, SEEK_HOLE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE, ConnectionInfo,
+} from '../fuse/filesystem';
+import { FileBackend } from './backend';
+
+const E = constants.errno;
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const O_ACCMODE = 3;
+const O_RDONLY = 0;
+/** Attributes change only through us, so the kernel may cache them a while. */
+const ATTR_TIMEOUT_MS = 1000;
+
+export interface MountedFile {
+  /** File name in the mount directory (ignored when the root is the file). */
+  name: string;
+  backend: FileBackend;
+  /** Where statfs numbers come from (the image's directory). */
+  hostPath: string;
+}
+
+interface Node {
+  nodeid: NodeId;
+  file: MountedFile;
+  mode: number;
+  uid: number;
+  gid: number;
+  atimeMs: number;
+  mtimeMs: number;
+  ctimeMs: number;
+  openCount: number;
+}
+
+export interface ImageFsOptions {
+  rootIsFile: boolean;
+  uid: number;
+  gid: number;
+  /** One line per operation that fails, to stderr. */
+  onError?: (op: string, err: unknown) => void;
+}
+
+export class ImageFs implements FuseFilesystem {
+  private readonly nodes = new Map<NodeId, Node>();
+  private readonly byName = new Map<string, Node>();
+  private nextFh = 1;
+  private readonly startMs = Date.now();
+  private conn: ConnectionInfo | null = null;
+
+  constructor(files: MountedFile[], private readonly opts: ImageFsOptions) {
+    if (opts.rootIsFile && files.length !== 1) throw new Error('a mount over a file serves exactly one image');
+    const seen = new Set<string>();
+    files.forEach((file, i) => {
+      if (seen.has(file.name)) throw new Error(`two images would both appear as '${file.name}'`);
+      seen.add(file.name);
+      const nodeid = opts.rootIsFile ? FUSE_ROOT_ID : i + 2;
+      let st: fs.Stats | null = null;
+      try {
+        st = fs.statSync(file.hostPath);
+      } catch {
+        st = null;
+      }
+      const node: Node = {
+        nodeid,
+        file,
+        mode: S_IFREG | (file.backend.readOnly ? 0o444 : 0o644),
+        uid: opts.uid,
+        gid: opts.gid,
+        atimeMs: st?.atimeMs ?? this.startMs,
+        mtimeMs: st?.mtimeMs ?? this.startMs,
+        ctimeMs: st?.ctimeMs ?? this.startMs,
+        openCount: 0,
+      };
+      this.nodes.set(nodeid, node);
+      this.byName.set(file.name, node);
+    });
+  }
+
+  /** What the transport negotiated (null before init). */
+  get connection(): ConnectionInfo | null {
+    return this.conn;
+  }
+
+  /** Files still open through the mount. */
+  get openFiles(): number {
+    let n = 0;
+    for (const node of this.nodes.values()) n += node.openCount;
+    return n;
+  }
+
+  init(conn: ConnectionInfo): void {
+    this.conn = conn;
+  }
+
+  async destroy(): Promise<void> {
+    await this.flushAll();
+  }
+
+  /** Flush every writable backend. */
+  async flushAll(): Promise<void> {
+    for (const node of this.nodes.values()) {
+      if (!node.file.backend.readOnly) await node.file.backend.flush();
+    }
+  }
+
+  private node(nodeid: NodeId): Node {
+    const n = this.nodes.get(nodeid);
+    if (!n) throw new FuseErrno(E.ENOENT, `no node ${nodeid}`);
+    return n;
+  }
+
+  private isRootDir(nodeid: NodeId): boolean {
+    return nodeid === FUSE_ROOT_ID && !this.opts.rootIsFile;
+  }
+
+  private async fileAttr(n: Node): Promise<Attr> {
+    const size = n.file.backend.size();
+    const allocated = await n.file.backend.allocatedBytes();
+    return {
+      ino: n.nodeid,
+      size,
+      blocks: Math.ceil(Math.min(allocated, Math.max(size, allocated)) / 512),
+      atimeMs: n.atimeMs,
+      mtimeMs: n.mtimeMs,
+      ctimeMs: n.ctimeMs,
+      mode: n.mode,
+      nlink: 1,
+      uid: n.uid,
+      gid: n.gid,
+      rdev: 0,
+      blksize: 4096,
+    };
+  }
+
+  private rootAttr(): Attr {
+    return {
+      ino: FUSE_ROOT_ID,
+      size: 4096,
+      blocks: 0,
+      atimeMs: this.startMs,
+      mtimeMs: this.startMs,
+      ctimeMs: this.startMs,
+      mode: S_IFDIR | 0o755,
+      nlink: 2,
+      uid: this.opts.uid,
+      gid: this.opts.gid,
+      rdev: 0,
+      blksize: 4096,
+    };
+  }
+
+  private async attrOf(nodeid: NodeId): Promise<Attr> {
+    return this.isRootDir(nodeid) ? this.rootAttr() : this.fileAttr(this.node(nodeid));
+  }
+
+  async lookup(_ctx: RequestContext, parent: NodeId, name: string): Promise<Entry> {
+    if (!this.isRootDir(parent)) throw new FuseErrno(E.ENOTDIR);
+    const n = this.byName.get(name);
+    if (!n) throw new FuseErrno(E.ENOENT);
+    return { nodeid: n.nodeid, generation: 1, attr: await this.fileAttr(n), entryTimeoutMs: ATTR_TIMEOUT_MS, attrTimeoutMs: ATTR_TIMEOUT_MS };
+  }
+
+  async getattr(_ctx: RequestContext, nodeid: NodeId): Promise<AttrReply> {
+    return { attr: await this.attrOf(nodeid), attrTimeoutMs: ATTR_TIMEOUT_MS };
+  }
+
+  async setattr(_ctx: RequestContext, nodeid: NodeId, ch: SetattrChanges): Promise<AttrReply> {
+    if (this.isRootDir(nodeid)) {
+      if (ch.size !== undefined) throw new FuseErrno(E.EISDIR);
+      return { attr: this.rootAttr(), attrTimeoutMs: ATTR_TIMEOUT_MS };
+    }
+    const n = this.node(nodeid);
+    const now = Date.now();
+    if (ch.size !== undefined && ch.size !== n.file.backend.size()) {
+      if (n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
+      await n.file.backend.resize(ch.size);
+      n.mtimeMs = n.ctimeMs = now;
+    }
+    if (ch.mode !== undefined) {
+      n.mode = S_IFREG | (ch.mode & 0o7777);
+      n.ctimeMs = now;
+    }
+    if (ch.uid !== undefined) n.uid = ch.uid;
+    if (ch.gid !== undefined) n.gid = ch.gid;
+    if (ch.atimeMs !== undefined) n.atimeMs = ch.atimeMs === 'now' ? now : ch.atimeMs;
+    if (ch.mtimeMs !== undefined) n.mtimeMs = ch.mtimeMs === 'now' ? now : ch.mtimeMs;
+    if (ch.uid !== undefined || ch.gid !== undefined || ch.atimeMs !== undefined || ch.mtimeMs !== undefined) n.ctimeMs = now;
+    return { attr: await this.fileAttr(n), attrTimeoutMs: ATTR_TIMEOUT_MS };
+  }
+
+  async access(_ctx: RequestContext, nodeid: NodeId, mask: number): Promise<void> {
+    const W_OK = 2;
+    if (!this.isRootDir(nodeid) && (mask & W_OK) && this.node(nodeid).file.backend.readOnly) throw new FuseErrno(E.EROFS);
+  }
+
+  async statfs(_ctx: RequestContext, nodeid: NodeId): Promise<Statfs> {
+    const file = this.isRootDir(nodeid) ? [...this.nodes.values()][0]?.file : this.node(nodeid).file;
+    let bsize = 4096;
+    let blocks = 0;
+    let bfree = 0;
+    let bavail = 0;
+    if (file) {
+      try {
+        const s = fs.statfsSync(file.hostPath);
+        bsize = s.bsize;
+        blocks = s.blocks;
+        bfree = s.bfree;
+        bavail = s.bavail;
+      } catch {
+        // statfs of the host is best effort
+      }
+    }
+    return { blocks, bfree, bavail, files: this.nodes.size + 1, ffree: 0, bsize, namelen: 255, frsize: bsize };
+  }
+
+  async open(_ctx: RequestContext, nodeid: NodeId, flags: number): Promise<OpenReply> {
+    if (this.isRootDir(nodeid)) throw new FuseErrno(E.EISDIR);
+    const n = this.node(nodeid);
+    if ((flags & O_ACCMODE) !== O_RDONLY && n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
+    n.openCount++;
+    return { fh: this.nextFh++, keepCache: true };
+  }
+
+  async read(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, size: number): Promise<Buffer> {
+    const n = this.node(nodeid);
+    const end = Math.min(offset + size, n.file.backend.size());
+    if (end <= offset) return Buffer.alloc(0);
+    const buf = Buffer.allocUnsafe(end - offset);
+    await n.file.backend.read(buf, offset);
+    return buf;
+  }
+
+  async write(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, data: Buffer): Promise<number> {
+    const n = this.node(nodeid);
+    const b = n.file.backend;
+    if (b.readOnly) throw new FuseErrno(E.EROFS);
+    if (offset + data.length > b.size()) await b.resize(offset + data.length);
+    await b.write(data, offset);
+    n.mtimeMs = n.ctimeMs = Date.now();
+    return data.length;
+  }
+
+  async flush(_ctx: RequestContext, nodeid: NodeId): Promise<void> {
+    const n = this.node(nodeid);
+    if (!n.file.backend.readOnly) await n.file.backend.flush();
+  }
+
+  async fsync(_ctx: RequestContext, nodeid: NodeId): Promise<void> {
+    const n = this.node(nodeid);
+    if (!n.file.backend.readOnly) await n.file.backend.flush();
+  }
+
+  async release(_ctx: RequestContext, nodeid: NodeId): Promise<void> {
+    const n = this.nodes.get(nodeid);
+    if (n && n.openCount > 0) n.openCount--;
+  }
+
+  async opendir(_ctx: RequestContext, nodeid: NodeId): Promise<OpenReply> {
+    if (!this.isRootDir(nodeid)) throw new FuseErrno(E.ENOTDIR);
+    return { fh: this.nextFh++ };
+  }
+
+  async readdir(_ctx: RequestContext, nodeid: NodeId): Promise<DirEntry[]> {
+    if (!this.isRootDir(nodeid)) throw new FuseErrno(E.ENOTDIR);
+    const out: DirEntry[] = [
+      { name: '.', ino: FUSE_ROOT_ID, type: S_IFDIR },
+      { name: '..', ino: FUSE_ROOT_ID, type: S_IFDIR },
+    ];
+    for (const n of this.nodes.values()) out.push({ name: n.file.name, ino: n.nodeid, type: S_IFREG });
+    return out;
+  }
+
+  async releasedir(): Promise<void> {}
+
+  async lseek(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, whence: number): Promise<number> {
+    const b = this.node(nodeid).file.backend;
+    if (whence === SEEK_DATA) return b.seekData(offset);
+    if (whence === SEEK_HOLE) return b.seekHole(offset);
+    throw new FuseErrno(E.EINVAL);
+  }
+
+  async fallocate(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, length: number, mode: number): Promise<void> {
+    const n = this.node(nodeid);
+    const b = n.file.backend;
+    if (b.readOnly) throw new FuseErrno(E.EROFS);
+    const keepSize = (mode & FALLOC_FL_KEEP_SIZE) !== 0;
+    const known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+    if (mode & ~known) throw new FuseErrno(E.EOPNOTSUPP);
+    const end = offset + length;
+    if (mode & FALLOC_FL_PUNCH_HOLE) {
+      if (!keepSize) throw new FuseErrno(E.EINVAL); // PUNCH_HOLE must come with KEEP_SIZE (fallocate(2))
+      const stop = Math.min(end, b.size());
+      if (stop > offset) await b.writeZeroes(offset, stop - offset, true);
+    } else if (mode & FALLOC_FL_ZERO_RANGE) {
+      if (!keepSize && end > b.size()) await b.resize(end);
+      const stop = Math.min(end, b.size());
+      if (stop > offset) await b.writeZeroes(offset, stop - offset, false);
+    } else if (!keepSize && end > b.size()) {
+      // Plain allocation: the file grows; clusters are allocated when written.
+      await b.resize(end);
+    }
+    n.mtimeMs = n.ctimeMs = Date.now();
+  }
+}
