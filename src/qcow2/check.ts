@@ -71,7 +71,7 @@ interface Walk {
 function addRange(w: Walk, img: Qcow2Image, offset: number, bytes: number, what: string): void {
   const cs = img.clusterSize;
   const fileEnd = img.dev.size();
-  if (offset + bytes > fileEnd) {
+  if (offset >= fileEnd) {
     w.problems.push({ severity: 'corruption', message: `ERROR ${what} at offset 0x${offset.toString(16)} lies past the end of the image file` });
   }
   const first = Math.floor(offset / cs);
