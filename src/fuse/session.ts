@@ -1,0 +1,711 @@
+/**
+ * A FUSE session over /dev/fuse: the read loop, INIT negotiation, dispatch
+ * of requests to a FuseFilesystem, interrupts, and exactly one reply per
+ * request.
+ *
+ * Reading. Node cannot poll a character device, so requests are read with
+ * blocking read(2) calls run on the libuv threadpool (fs.read). Each of the
+ * `readers` outstanding reads occupies one threadpool thread until the kernel
+ * has a request, so the pool must be larger than `readers`, or the
+ * filesystem's own fs.* calls starve and the mount deadlocks. The pool size
+ * comes from UV_THREADPOOL_SIZE, read once when the pool is first used: call
+ * ensureThreadpool() at the very start of the process, before any
+ * asynchronous fs/crypto/dns/zlib call. The session caps `readers` at the
+ * pool size it can see minus two.
+ *
+ * Buffers. Read buffers (max_write + one page) are pooled. A request's
+ * fields are copied out at decode, so its buffer returns to the pool at once
+ * — except for WRITE, whose data is a view of the buffer and which keeps it
+ * until the handler settles. At most `maxInFlight` handlers run at once; when
+ * that many are pending, reading pauses (the kernel queues the rest).
+ *
+ * Replies are written synchronously (writeSync / writevSync) from the main
+ * thread: the kernel copies them straight into the waiting request, so they
+ * never block, and a READ reply goes out as header + data without a copy.
+ *
+ * One reply per request. A handler's result or thrown error (mapped once by
+ * opts.errnoOf, FuseErrno used as is) is the reply. A handler that does not
+ * settle cannot hang the caller forever: an interrupted request is answered
+ * EINTR after `interruptGraceMs`, and any request still pending after
+ * `requestTimeoutMs` is answered EIO; its late result is dropped. FORGET,
+ * BATCH_FORGET and INTERRUPT get no reply, as the protocol says.
+ */
+import * as fs from 'fs';
+import { constants as osConstants } from 'os';
+import { performance } from 'perf_hooks';
+import {
+  FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_KERNEL_MINOR_VERSION,
+  FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
+  FUSE_MIN_READ_BUFFER, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, opcodeName, OPCODES,
+} from './abi';
+import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest } from './decode';
+import {
+  encodeAttr, encodeDirents, encodeEmpty, encodeEntry, encodeError, encodeInit, encodeLseek,
+  encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
+} from './encode';
+import {
+  FuseErrno, type ConnectionInfo, type DirEntry, type FuseFilesystem, type MountOptions, type RequestContext,
+} from './filesystem';
+
+const E = osConstants.errno;
+
+/** Outstanding device reads when not told otherwise. */
+export const DEFAULT_READERS = 4;
+/** The threadpool size ensureThreadpool() asks for when not told otherwise. */
+export const DEFAULT_THREADPOOL_SIZE = 16;
+/** libuv's own ceiling for UV_THREADPOOL_SIZE. */
+const UV_THREADPOOL_MAX = 1024;
+const UV_THREADPOOL_DEFAULT = 4;
+
+/**
+ * Make the libuv threadpool at least `minThreads` big, by setting
+ * UV_THREADPOOL_SIZE. Only effective when called before the threadpool is
+ * first used (the first asynchronous fs, crypto, dns.lookup or zlib call of
+ * the process); later calls change the variable but not the pool. Returns
+ * the size now requested.
+ */
+export function ensureThreadpool(minThreads: number = DEFAULT_THREADPOOL_SIZE): number {
+  const want = Math.min(UV_THREADPOOL_MAX, Math.max(1, Math.floor(minThreads)));
+  const current = threadpoolSize();
+  if (current >= want) return current;
+  process.env.UV_THREADPOOL_SIZE = String(want);
+  return want;
+}
+
+/** The threadpool size as requested by the environment (libuv's rule). */
+export function threadpoolSize(): number {
+  const n = Number.parseInt(process.env.UV_THREADPOOL_SIZE ?? '', 10);
+  if (!Number.isFinite(n) || n <= 0) return UV_THREADPOOL_DEFAULT;
+  return Math.min(n, UV_THREADPOOL_MAX);
+}
+
+/** Options of the kernel transport beyond the shared MountOptions. */
+export interface KernelSessionOptions extends MountOptions {
+  /** Device reads kept outstanding (default 4, capped at threadpool size - 2). */
+  readers?: number;
+  /** Answer EIO to a request whose handler has not settled after this long; 0 = never (default 120 s). */
+  requestTimeoutMs?: number;
+  /** Answer EINTR this long after FUSE_INTERRUPT if the handler has not settled (default 1 s). */
+  interruptGraceMs?: number;
+}
+
+const DEFAULT_REQUEST_TIMEOUT_MS = 120_000;
+const DEFAULT_INTERRUPT_GRACE_MS = 1_000;
+const SWEEP_INTERVAL_MS = 250;
+
+/** One request between its read and its handler settling; also its RequestContext. */
+class Pending implements RequestContext {
+  replied = false;
+  interruptedAt = 0;
+  /** Set when FUSE_INTERRUPT arrives; the signal is created only if a handler asks. */
+  private controller: AbortController | undefined;
+  /** The read buffer this request still holds (WRITE), returned when the handler settles. */
+  heldBuffer: Buffer | undefined;
+  /** Debug text: key arguments. */
+  args = '';
+
+  constructor(
+    readonly unique: number,
+    readonly opcode: number,
+    readonly nodeid: number,
+    readonly uid: number,
+    readonly gid: number,
+    readonly pid: number,
+    readonly started: number,
+  ) {}
+
+  get signal(): AbortSignal {
+    if (this.controller === undefined) {
+      this.controller = new AbortController();
+      if (this.interruptedAt !== 0) this.controller.abort(new FuseErrno(E.EINTR, 'interrupted'));
+    }
+    return this.controller.signal;
+  }
+
+  interrupt(now: number): void {
+    if (this.interruptedAt !== 0) return;
+    this.interruptedAt = now;
+    this.controller?.abort(new FuseErrno(E.EINTR, 'interrupted'));
+  }
+}
+
+const ERRNO_NAMES = new Map<number, string>(Object.entries(E).map(([name, n]) => [n, name]));
+
+/**
+ * The session over an open /dev/fuse file descriptor that a mount(2) has
+ * bound. start() begins reading; `initialized` settles when INIT has been
+ * answered; `done` when the kernel has ended the connection (unmount) and
+ * the filesystem's destroy() has run.
+ */
+export class FuseSession {
+  readonly initialized: Promise<ConnectionInfo>;
+  readonly done: Promise<void>;
+
+  private resolveInit!: (c: ConnectionInfo) => void;
+  private rejectInit!: (e: Error) => void;
+  private resolveDone!: () => void;
+  private rejectDone!: (e: Error) => void;
+
+  private readonly maxWrite: number;
+  private readonly maxInFlight: number;
+  private readonly readers: number;
+  private readonly bufferSize: number;
+  private readonly requestTimeoutMs: number;
+  private readonly interruptGraceMs: number;
+  private readonly debug: boolean;
+
+  private readonly freeBuffers: Buffer[] = [];
+  private readonly pending = new Map<number, Pending>();
+  /** Interrupts whose target has not been read yet (readers race): unique -> time seen. */
+  private readonly earlyInterrupts = new Map<number, number>();
+  private readonly dirCache = new Map<string, DirEntry[]>();
+
+  /** Scratch for fixed-size replies: replies are written synchronously, so one suffices. */
+  private readonly scratch = Buffer.alloc(4096);
+  private readonly readHeader = Buffer.alloc(FUSE_OUT_HEADER_SIZE);
+  private readonly readIov: Buffer[] = [this.readHeader, this.readHeader];
+  private dirBuffer = Buffer.alloc(FUSE_MIN_READ_BUFFER + FUSE_OUT_HEADER_SIZE);
+
+  private started = false;
+  private stopping = false;
+  private activeReaders = 0;
+  private parkedReaders = 0;
+  private sweepTimer: NodeJS.Timeout | undefined;
+  private conn: ConnectionInfo | undefined;
+  private destroyed = false;
+  private fatal: Error | undefined;
+
+  constructor(
+    private readonly fd: number,
+    private readonly filesystem: FuseFilesystem,
+    private readonly opts: KernelSessionOptions,
+  ) {
+    this.initialized = new Promise((res, rej) => { this.resolveInit = res; this.rejectInit = rej; });
+    this.done = new Promise((res, rej) => { this.resolveDone = res; this.rejectDone = rej; });
+    // Nobody may be listening yet; an unobserved rejection must not kill the process.
+    this.initialized.catch(() => undefined);
+    this.done.catch(() => undefined);
+
+    this.maxWrite = clampMaxWrite(opts.maxRequestBytes);
+    this.maxInFlight = Math.max(1, Math.floor(opts.maxInFlight || 1));
+    const poolRoom = Math.max(1, threadpoolSize() - 2);
+    this.readers = Math.max(1, Math.min(Math.floor(opts.readers ?? DEFAULT_READERS), poolRoom, this.maxInFlight));
+    // The kernel refuses reads smaller than max_write + headers (fs/fuse/dev.c).
+    this.bufferSize = Math.max(FUSE_MIN_READ_BUFFER, this.maxWrite + FUSE_PAGE_SIZE);
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    this.interruptGraceMs = opts.interruptGraceMs ?? DEFAULT_INTERRUPT_GRACE_MS;
+    this.debug = opts.debug;
+  }
+
+  /** What INIT negotiated, once it has. */
+  get connection(): ConnectionInfo | undefined {
+    return this.conn;
+  }
+
+  /** True once the connection has ended (reads returned ENODEV or failed). */
+  get ended(): boolean {
+    return this.stopping;
+  }
+
+  /** Requests whose handlers have not settled. */
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  /** Start the device reads. The mount must already exist. */
+  start(): void {
+    if (this.started) throw new Error('FUSE session already started');
+    this.started = true;
+    this.sweepTimer = setInterval(() => this.sweep(), SWEEP_INTERVAL_MS);
+    this.sweepTimer.unref();
+    for (let i = 0; i < this.readers; i++) {
+      this.activeReaders++;
+      this.readNext();
+    }
+  }
+
+  // --- reading ---------------------------------------------------------------
+
+  private takeBuffer(): Buffer {
+    return this.freeBuffers.pop() ?? Buffer.allocUnsafe(this.bufferSize);
+  }
+
+  private giveBuffer(buf: Buffer): void {
+    if (this.freeBuffers.length < this.readers * 2) this.freeBuffers.push(buf);
+  }
+
+  /** One reader: issue a read unless stopping or saturated. */
+  private readNext(): void {
+    if (this.stopping) {
+      this.readerExited();
+      return;
+    }
+    if (this.pending.size >= this.maxInFlight) {
+      this.parkedReaders++;
+      return;
+    }
+    const buf = this.takeBuffer();
+    fs.read(this.fd, buf, 0, buf.length, null, (err, n) => this.onRead(err, n, buf));
+  }
+
+  private onRead(err: NodeJS.ErrnoException | null, n: number, buf: Buffer): void {
+    if (err) {
+      this.giveBuffer(buf);
+      switch (err.code) {
+        case 'EINTR':
+        case 'EAGAIN':
+        case 'ENOENT': // the request was interrupted before we could read it
+          this.readNext();
+          return;
+        case 'ENODEV': // unmounted
+        case 'ECONNABORTED': // connection aborted (FUSE_ABORT_ERROR)
+          this.stopping = true;
+          this.readerExited();
+          return;
+        default:
+          this.fatal ??= new Error(`reading /dev/fuse failed: ${err.message}`);
+          this.stopping = true;
+          this.readerExited();
+          return;
+      }
+    }
+    try {
+      this.handle(buf, n);
+    } catch (e) {
+      // handle() only throws on a bug of this module; keep serving.
+      process.stderr.write(`qcowfs: fuse: internal error: ${(e as Error).stack ?? e}\n`);
+    }
+    this.readNext();
+  }
+
+  private readerExited(): void {
+    this.activeReaders--;
+    if (this.activeReaders === 0) {
+      // Parked readers (saturated) are stopped too.
+      this.parkedReaders = 0;
+      void this.finish();
+    }
+  }
+
+  /** A handler settled: wake a parked reader if any. */
+  private unpark(): void {
+    while (this.parkedReaders > 0 && this.pending.size < this.maxInFlight) {
+      this.parkedReaders--;
+      this.readNext();
+    }
+  }
+
+  // --- dispatch --------------------------------------------------------------
+
+  private handle(buf: Buffer, n: number): void {
+    let req: FuseRequest;
+    try {
+      req = decodeRequest(buf, n);
+    } catch (e) {
+      this.giveBuffer(buf);
+      this.protocolFault(e);
+      return;
+    }
+    const h = req.header;
+    switch (req.kind) {
+      case 'forget':
+        this.giveBuffer(buf);
+        this.debugLine(h.unique, 'FORGET', h.nodeid, `nlookup=${req.nlookup}`, '', 0);
+        this.callForget(h.nodeid, req.nlookup);
+        return;
+      case 'batch-forget':
+        this.giveBuffer(buf);
+        this.debugLine(h.unique, 'BATCH_FORGET', h.nodeid, `count=${req.forgets.length}`, '', 0);
+        for (const f of req.forgets) this.callForget(f.nodeid, f.nlookup);
+        return;
+      case 'interrupt':
+        this.giveBuffer(buf);
+        this.interrupt(req.targetUnique);
+        return;
+      default:
+        break;
+    }
+    const p = new Pending(h.unique, h.opcode, h.nodeid, h.uid, h.gid, h.pid, performance.now());
+    if (req.kind === 'write') p.heldBuffer = buf;
+    else this.giveBuffer(buf);
+    if (this.debug) p.args = describe(req);
+    if (this.earlyInterrupts.size > 0 && this.earlyInterrupts.delete(h.unique)) p.interrupt(p.started);
+    this.pending.set(h.unique, p);
+    this.serve(req, p).then(
+      () => this.settled(p),
+      (err: unknown) => {
+        this.replyError(p, this.errnoFor(err));
+        this.settled(p);
+      },
+    );
+  }
+
+  private settled(p: Pending): void {
+    if (p.heldBuffer !== undefined) {
+      this.giveBuffer(p.heldBuffer);
+      p.heldBuffer = undefined;
+    }
+    if (!p.replied) {
+      // Every path of serve() replies; this is the guard against one that forgot.
+      this.replyError(p, E.EIO);
+    }
+    this.pending.delete(p.unique);
+    this.unpark();
+  }
+
+  private callForget(nodeid: number, nlookup: number): void {
+    try {
+      this.filesystem.forget?.(nodeid, nlookup);
+    } catch (e) {
+      process.stderr.write(`qcowfs: fuse: forget(${nodeid}) failed: ${(e as Error).message}\n`);
+    }
+  }
+
+  private interrupt(target: number): void {
+    const now = performance.now();
+    const p = this.pending.get(target);
+    if (this.debug) this.debugLine(0, 'INTERRUPT', 0, `target=${target}`, p ? 'found' : 'not pending', 0);
+    if (p !== undefined) p.interrupt(now);
+    else this.earlyInterrupts.set(target, now);
+  }
+
+  /** Serve one request; every path writes its reply (or throws, which replies an errno). */
+  private async serve(req: FuseRequest, p: Pending): Promise<void> {
+    const f = this.filesystem;
+    const nodeid = req.header.nodeid;
+    switch (req.kind) {
+      case 'init':
+        return this.serveInit(req, p);
+      case 'destroy':
+        await this.runDestroy();
+        return this.replyEmpty(p);
+      case 'lookup': {
+        const entry = await f.lookup(p, nodeid, req.name);
+        if (this.canReply(p)) this.send(p, encodeEntry(this.scratch, p.unique, entry), 'ok');
+        return;
+      }
+      case 'getattr': {
+        const r = await f.getattr(p, nodeid, req.fh);
+        if (this.canReply(p)) this.send(p, encodeAttr(this.scratch, p.unique, r), this.debug ? `size=${r.attr.size}` : '');
+        return;
+      }
+      case 'setattr': {
+        const r = await f.setattr(p, nodeid, req.changes);
+        if (this.canReply(p)) this.send(p, encodeAttr(this.scratch, p.unique, r), this.debug ? `size=${r.attr.size}` : '');
+        return;
+      }
+      case 'open': {
+        const r = await f.open(p, nodeid, req.flags);
+        if (this.canReply(p)) this.send(p, encodeOpen(this.scratch, p.unique, r), this.debug ? `fh=${r.fh}` : '');
+        return;
+      }
+      case 'opendir': {
+        const r = f.opendir ? await f.opendir(p, nodeid, req.flags) : { fh: 0 };
+        this.dirCache.delete(dirKey(nodeid, r.fh));
+        if (this.canReply(p)) this.send(p, encodeOpen(this.scratch, p.unique, r), this.debug ? `fh=${r.fh}` : '');
+        return;
+      }
+      case 'read': {
+        let data = await f.read(p, nodeid, req.fh, req.offset, req.size);
+        if (data.length > req.size) data = data.subarray(0, req.size);
+        this.sendRead(p, data);
+        return;
+      }
+      case 'write': {
+        const written = await f.write(p, nodeid, req.fh, req.offset, req.data, req.flags);
+        if (this.canReply(p)) this.send(p, encodeWrite(this.scratch, p.unique, written), this.debug ? `${written} bytes` : '');
+        return;
+      }
+      case 'flush':
+        if (!f.flush) return this.replyError(p, E.ENOSYS);
+        await f.flush(p, nodeid, req.fh);
+        return this.replyEmpty(p);
+      case 'fsync':
+        if (!f.fsync) return this.replyError(p, E.ENOSYS);
+        await f.fsync(p, nodeid, req.fh, req.datasync);
+        return this.replyEmpty(p);
+      case 'release':
+        await f.release(p, nodeid, req.fh, req.flags);
+        return this.replyEmpty(p);
+      case 'readdir':
+        return this.serveReaddir(req.fh, req.offset, req.size, p);
+      case 'releasedir':
+        this.dirCache.delete(dirKey(nodeid, req.fh));
+        if (f.releasedir) await f.releasedir(p, nodeid, req.fh);
+        return this.replyEmpty(p);
+      case 'statfs': {
+        const st = await f.statfs(p, nodeid);
+        if (this.canReply(p)) this.send(p, encodeStatfs(this.scratch, p.unique, st), 'ok');
+        return;
+      }
+      case 'access':
+        if (!f.access) return this.replyError(p, E.ENOSYS);
+        await f.access(p, nodeid, req.mask);
+        return this.replyEmpty(p);
+      case 'lseek': {
+        if (!f.lseek) return this.replyError(p, E.ENOSYS);
+        if (req.offset < 0) return this.replyError(p, E.ENXIO);
+        const off = await f.lseek(p, nodeid, req.fh, req.offset, req.whence);
+        if (this.canReply(p)) this.send(p, encodeLseek(this.scratch, p.unique, off), this.debug ? `offset=${off}` : '');
+        return;
+      }
+      case 'fallocate':
+        if (!f.fallocate) return this.replyError(p, E.ENOSYS);
+        await f.fallocate(p, nodeid, req.fh, req.offset, req.length, req.mode);
+        return this.replyEmpty(p);
+      case 'readdirplus': // FUSE_DO_READDIRPLUS is never negotiated
+      case 'unsupported':
+        return this.replyError(p, E.ENOSYS);
+      case 'forget':
+      case 'batch-forget':
+      case 'interrupt':
+        return; // handled in handle(); never reaches here
+    }
+  }
+
+  private async serveReaddir(fh: number, offset: number, size: number, p: Pending): Promise<void> {
+    // The filesystem lists a directory whole; it is listed again at offset 0
+    // and cached per (node, handle) for the pages that follow.
+    const key = dirKey(p.nodeid, fh);
+    let entries = offset === 0 ? undefined : this.dirCache.get(key);
+    if (entries === undefined) {
+      entries = await this.filesystem.readdir(p, p.nodeid, fh);
+      this.dirCache.set(key, entries);
+    }
+    if (!this.canReply(p)) return;
+    const need = FUSE_OUT_HEADER_SIZE + size;
+    if (this.dirBuffer.length < need) this.dirBuffer = Buffer.alloc(need);
+    const out = encodeDirents(this.dirBuffer, p.unique, entries, Math.min(offset, entries.length), size);
+    this.sendBuffer(p, this.dirBuffer, out.length, this.debug ? `${out.count} entries` : '');
+  }
+
+  private async serveInit(req: InitRequest, p: Pending): Promise<void> {
+    if (req.major < FUSE_KERNEL_VERSION || (req.major === FUSE_KERNEL_VERSION && req.minor < FUSE_MIN_KERNEL_MINOR)) {
+      this.rejectInit(codeError('EPROTO', `the kernel speaks FUSE ${req.major}.${req.minor}; 7.${FUSE_MIN_KERNEL_MINOR} or later is needed`));
+      return this.replyError(p, E.EPROTO);
+    }
+    if (req.major > FUSE_KERNEL_VERSION) {
+      // fuse.h: answer with our major only; the kernel sends INIT again.
+      const len = encodeInit(this.scratch, p.unique, {
+        major: FUSE_KERNEL_VERSION, minor: FUSE_KERNEL_MINOR_VERSION, maxReadahead: 0, flags: 0,
+        maxBackground: 0, congestionThreshold: 0, maxWrite: 0, timeGran: 0, maxPages: 0,
+      });
+      return this.send(p, len, 'major mismatch');
+    }
+    const minor = Math.min(req.minor, FUSE_KERNEL_MINOR_VERSION);
+    const wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_ASYNC_DIO | FUSE_ABORT_ERROR;
+    const flags = (req.flags & wanted) >>> 0;
+    const maxPages = Math.min(FUSE_MAX_MAX_PAGES, Math.ceil(this.maxWrite / FUSE_PAGE_SIZE));
+    // Without FUSE_MAX_PAGES the kernel caps a request at 32 pages.
+    const effectiveMax = flags & FUSE_MAX_PAGES ? this.maxWrite : Math.min(this.maxWrite, 32 * FUSE_PAGE_SIZE);
+    const maxBackground = Math.min(0xffff, this.maxInFlight);
+    const conn: ConnectionInfo = {
+      protoMajor: FUSE_KERNEL_VERSION,
+      protoMinor: minor,
+      maxWrite: effectiveMax,
+      maxRead: effectiveMax,
+      supportsLseek: minor >= 24,
+      supportsFallocate: minor >= 19,
+    };
+    try {
+      await this.filesystem.init?.(conn);
+    } catch (e) {
+      this.rejectInit(e instanceof Error ? e : new Error(String(e)));
+      throw e;
+    }
+    const len = encodeInit(this.scratch, p.unique, {
+      major: FUSE_KERNEL_VERSION,
+      minor,
+      maxReadahead: req.maxReadahead,
+      flags,
+      maxBackground,
+      congestionThreshold: Math.max(1, Math.floor((maxBackground * 3) / 4)),
+      maxWrite: this.maxWrite,
+      timeGran: 1,
+      maxPages,
+    });
+    this.conn = conn;
+    this.send(p, len, this.debug ? `7.${minor} max_write=${this.maxWrite} flags=0x${flags.toString(16)}` : '');
+    this.resolveInit(conn);
+  }
+
+  private async runDestroy(): Promise<void> {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    await this.filesystem.destroy?.();
+  }
+
+  // --- replies ---------------------------------------------------------------
+
+  private canReply(p: Pending): boolean {
+    return !p.replied;
+  }
+
+  private replyEmpty(p: Pending): void {
+    if (this.canReply(p)) this.send(p, encodeEmpty(this.scratch, p.unique), 'ok');
+  }
+
+  private replyError(p: Pending, errno: number): void {
+    if (this.canReply(p)) this.send(p, encodeError(this.scratch, p.unique, errno), errnoName(errno));
+  }
+
+  private send(p: Pending, len: number, result: string): void {
+    this.sendBuffer(p, this.scratch, len, result);
+  }
+
+  private sendBuffer(p: Pending, buf: Buffer, len: number, result: string): void {
+    p.replied = true;
+    try {
+      fs.writeSync(this.fd, buf, 0, len);
+    } catch (e) {
+      this.writeFailed(p, e);
+    }
+    if (this.debug) this.debugPending(p, result);
+  }
+
+  private sendRead(p: Pending, data: Buffer): void {
+    if (!this.canReply(p)) return;
+    p.replied = true;
+    encodeReadHeader(this.readHeader, p.unique, data.length);
+    try {
+      if (data.length === 0) {
+        fs.writeSync(this.fd, this.readHeader, 0, FUSE_OUT_HEADER_SIZE);
+      } else {
+        this.readIov[1] = data;
+        fs.writevSync(this.fd, this.readIov);
+      }
+    } catch (e) {
+      this.writeFailed(p, e);
+    } finally {
+      this.readIov[1] = this.readHeader;
+    }
+    if (this.debug) this.debugPending(p, `${data.length} bytes`);
+  }
+
+  private writeFailed(p: Pending, e: unknown): void {
+    const code = (e as NodeJS.ErrnoException).code;
+    // ENOENT: the request was interrupted and is gone. ENODEV: unmounted.
+    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ECONNABORTED') return;
+    process.stderr.write(`qcowfs: fuse: the kernel refused the reply to ${opcodeName(p.opcode)} #${p.unique}: ${(e as Error).message}\n`);
+  }
+
+  private errnoFor(err: unknown): number {
+    let errno: number = E.EIO;
+    if (err instanceof FuseErrno) {
+      errno = err.errno;
+    } else {
+      try {
+        errno = this.opts.errnoOf(err);
+      } catch {
+        errno = E.EIO;
+      }
+    }
+    return Number.isInteger(errno) && errno > 0 && errno < 4096 ? errno : E.EIO;
+  }
+
+  private protocolFault(e: unknown): void {
+    if (!FuseProtocolError.is(e)) throw e;
+    process.stderr.write(`qcowfs: fuse: ${e.message}\n`);
+    if (e.unique < 0 || OPCODES.get(e.opcode)?.noReply) return;
+    const errno = e.kind === 'unknown-opcode' ? E.ENOSYS : e.kind === 'bad-value' ? E.EOVERFLOW : E.EIO;
+    const len = encodeError(this.scratch, e.unique, errno);
+    try {
+      fs.writeSync(this.fd, this.scratch, 0, len);
+    } catch {
+      // the kernel may have dropped the request; nothing else to do
+    }
+  }
+
+  // --- timeouts and shutdown -------------------------------------------------
+
+  private sweep(): void {
+    const now = performance.now();
+    for (const [unique, seen] of this.earlyInterrupts) {
+      if (now - seen > 1000) this.earlyInterrupts.delete(unique);
+    }
+    for (const p of this.pending.values()) {
+      if (p.replied) continue;
+      if (p.interruptedAt !== 0 && now - p.interruptedAt >= this.interruptGraceMs) {
+        this.replyError(p, E.EINTR);
+      } else if (this.requestTimeoutMs > 0 && now - p.started >= this.requestTimeoutMs) {
+        process.stderr.write(`qcowfs: fuse: ${opcodeName(p.opcode)} #${p.unique} on node ${p.nodeid} did not complete in ${this.requestTimeoutMs} ms; answering EIO\n`);
+        this.replyError(p, E.EIO);
+      }
+    }
+  }
+
+  private async finish(): Promise<void> {
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.rejectInit(codeError('ENODEV', 'the filesystem was unmounted before the kernel finished INIT'));
+    // Let running handlers settle (bounded), then tell the filesystem.
+    const waitUntil = performance.now() + Math.max(this.requestTimeoutMs, 5000);
+    while (this.pending.size > 0 && performance.now() < waitUntil) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    let error = this.fatal;
+    try {
+      if (this.conn !== undefined) await this.runDestroy();
+    } catch (e) {
+      error ??= e instanceof Error ? e : new Error(String(e));
+    }
+    try {
+      fs.closeSync(this.fd);
+    } catch {
+      // already closed
+    }
+    if (error) this.rejectDone(error);
+    else this.resolveDone();
+  }
+
+  // --- debug -----------------------------------------------------------------
+
+  private debugPending(p: Pending, result: string): void {
+    this.debugLine(p.unique, opcodeName(p.opcode), p.nodeid, p.args, result, performance.now() - p.started);
+  }
+
+  private debugLine(unique: number, op: string, nodeid: number, args: string, result: string, ms: number): void {
+    if (!this.debug) return;
+    process.stderr.write(`fuse #${unique} ${op} node=${nodeid}${args ? ` ${args}` : ''}${result ? ` -> ${result}` : ''} (${ms.toFixed(3)} ms)\n`);
+  }
+}
+
+function dirKey(nodeid: number, fh: number): string {
+  return `${nodeid}:${fh}`;
+}
+
+function errnoName(errno: number): string {
+  return ERRNO_NAMES.get(errno) ?? `errno ${errno}`;
+}
+
+/** Key arguments of a request, for debug output. */
+function describe(req: FuseRequest): string {
+  switch (req.kind) {
+    case 'init': return `kernel=${req.major}.${req.minor} flags=0x${(req.flags >>> 0).toString(16)} readahead=${req.maxReadahead}`;
+    case 'lookup': return `name=${JSON.stringify(req.name)}`;
+    case 'getattr': return req.fh === undefined ? '' : `fh=${req.fh}`;
+    case 'setattr': return `valid=0x${req.valid.toString(16)} ${JSON.stringify(req.changes)}`;
+    case 'open': case 'opendir': return `flags=0x${req.flags.toString(16)}`;
+    case 'read': case 'readdir': case 'readdirplus': return `fh=${req.fh} offset=${req.offset} size=${req.size}`;
+    case 'write': return `fh=${req.fh} offset=${req.offset} size=${req.data.length}`;
+    case 'release': case 'releasedir': case 'flush': return `fh=${req.fh}`;
+    case 'fsync': return `fh=${req.fh} datasync=${req.datasync}`;
+    case 'access': return `mask=${req.mask}`;
+    case 'lseek': return `fh=${req.fh} offset=${req.offset} whence=${req.whence}`;
+    case 'fallocate': return `fh=${req.fh} offset=${req.offset} length=${req.length} mode=0x${req.mode.toString(16)}`;
+    case 'unsupported': return '';
+    default: return '';
+  }
+}
+
+/** max_write we offer: maxRequestBytes clamped to [4 KiB, 1 MiB]. */
+export function clampMaxWrite(maxRequestBytes: number): number {
+  const n = Number.isFinite(maxRequestBytes) ? Math.floor(maxRequestBytes) : FUSE_MAX_REQUEST_BYTES;
+  return Math.max(FUSE_PAGE_SIZE, Math.min(FUSE_MAX_REQUEST_BYTES, n));
+}
+
+/** An Error with a `code`, as thrown to users. */
+export function codeError(code: string, message: string): Error & { code: string } {
+  const e = new Error(message) as Error & { code: string };
+  e.code = code;
+  return e;
+}
