@@ -7,8 +7,10 @@ import { mapCommand } from './commands/map';
 import { checkCommand } from './commands/check';
 import { createCommand } from './commands/create';
 import { resizeCommand } from './commands/resize';
+import { mountCommand } from './commands/mount';
+import { unmountCommand } from './commands/unmount';
 
-export const commands: Command[] = [infoCommand, mapCommand, checkCommand, createCommand, resizeCommand];
+export const commands: Command[] = [mountCommand, unmountCommand, infoCommand, mapCommand, checkCommand, createCommand, resizeCommand];
 
 export function registerCommand(c: Command): void {
   if (!commands.some((x) => x.name === c.name)) commands.push(c);

@@ -1,0 +1,70 @@
+import * as path from 'path';
+import { spawnSync } from 'child_process';
+import { OptionSpec, Parsed, flag, UsageError } from '../args';
+import { Command, writeErr } from '../command';
+import { CliError } from '../exit';
+import { unmountPath } from '../../fuse/mount';
+import { readRecord, removeRecord, processAlive } from '../state';
+
+const options: OptionSpec[] = [
+  { name: 'lazy', short: 'l', help: 'detach even while files are open (the daemon exits once they are closed)' },
+  { name: 'timeout', value: true, meta: 'SECONDS', help: 'how long to wait for the daemon to finish flushing (default 120)' },
+  { name: 'help', short: 'h', help: 'show this help' },
+];
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+async function run(p: Parsed): Promise<number> {
+  const [target, ...rest] = p.positional;
+  if (!target || rest.length > 0) throw new UsageError('unmount takes exactly one mountpoint');
+  const mountpoint = path.resolve(target);
+  const lazy = flag(p, 'lazy');
+  const timeoutS = Number(p.options.get('timeout')?.[0] ?? 120);
+  if (!Number.isFinite(timeoutS) || timeoutS < 0) throw new UsageError('--timeout takes a number of seconds');
+  const rec = readRecord(mountpoint);
+  try {
+    if (process.getuid?.() === 0) {
+      await unmountPath(mountpoint, { lazy });
+    } else {
+      const r = spawnSync('fusermount', ['-u', ...(lazy ? ['-z'] : []), mountpoint], { encoding: 'utf8' });
+      if (r.status !== 0) {
+        const msg = (r.stderr || '').trim();
+        if (/busy/i.test(msg)) throw Object.assign(new Error(msg), { code: 'EBUSY' });
+        if (/not found|not mounted/i.test(msg)) throw Object.assign(new Error(msg), { code: 'EINVAL' });
+        throw new CliError(`unmounting ${mountpoint} failed: ${msg || `fusermount exited with ${r.status}`}`);
+      }
+    }
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EBUSY') throw new CliError(`${mountpoint} is busy: files on it are still open; close them and retry, or use --lazy`);
+    if (code === 'EINVAL') {
+      if (rec) removeRecord(mountpoint);
+      throw new CliError(`${mountpoint} is not mounted`);
+    }
+    throw err;
+  }
+  // Wait for the daemon to flush the images and exit.
+  if (rec && rec.pid !== process.pid) {
+    const deadline = Date.now() + timeoutS * 1000;
+    while (processAlive(rec.pid)) {
+      if (Date.now() > deadline) {
+        writeErr(`qcowfs: the daemon (pid ${rec.pid}) is still flushing ${rec.images.join(', ')}; not waiting longer\n`);
+        return 1;
+      }
+      await sleep(lazy ? 200 : 50);
+    }
+    removeRecord(mountpoint, rec.pid);
+  }
+  return 0;
+}
+
+export const unmountCommand: Command = {
+  name: 'unmount',
+  summary: 'flush and unmount a qcowfs mount, waiting until the images are closed',
+  usage: 'qcowfs unmount MOUNTPOINT [--lazy]',
+  details: 'Also cleans up the mount of a daemon that was killed. Fails clearly while files on the mount are open, unless --lazy.',
+  options,
+  run,
+};
