@@ -19,6 +19,7 @@ import { writeRecord, removeRecord, logPath, ensureStateDir } from '../state';
 const options: OptionSpec[] = [
   { name: 'read-only', short: 'r', help: 'serve the images read-only' },
   { name: 'snapshot', short: 's', value: true, meta: 'NAME', help: 'serve the image as of this internal snapshot (id or name); implies --read-only' },
+  { name: 'snapshots', help: 'also serve every internal snapshot, read-only, as IMAGE@NAME.raw' },
   { name: 'allow-other', help: 'let other users access the mount (libfuse: needs user_allow_other in /etc/fuse.conf)' },
   { name: 'foreground', short: 'f', help: 'stay in the foreground; by default the daemon detaches once the mount is usable' },
   { name: 'transport', value: true, meta: 'kernel|libfuse', help: 'kernel: the FUSE protocol over /dev/fuse (needs root); libfuse: through fusermount (unprivileged). Default: kernel when allowed' },
@@ -36,11 +37,25 @@ function libfuse(): { mountLibfuse(fs: FuseFilesystem, opts: MountOptions): Prom
   return require('../../fuse/libfuse');
 }
 
-/** `img.qcow2` -> `img.raw`. */
-export function rawName(image: string): string {
+/** `img.qcow2` -> `img` */
+function stem(image: string): string {
   const base = path.basename(image);
   const ext = path.extname(base);
-  return `${ext ? base.slice(0, -ext.length) : base}.raw`;
+  return ext ? base.slice(0, -ext.length) : base;
+}
+
+/** `img.qcow2` -> `img.raw`. */
+export function rawName(image: string): string {
+  return `${stem(image)}.raw`;
+}
+
+/**
+ * The file name of a snapshot view: `img@NAME.raw`, with '/', '%', NUL and
+ * other control characters written as %XX so every name is a valid file name.
+ */
+export function snapshotFileName(image: string, snapshotName: string): string {
+  const escaped = snapshotName.replace(/[%/\x00-\x1f\x7f]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0').toUpperCase()}`);
+  return `${stem(image)}@${escaped}.raw`;
 }
 
 interface MountPlan {
@@ -55,6 +70,7 @@ interface MountPlan {
   maxRequestBytes: number;
   allowOther: boolean;
   debug: boolean;
+  snapshots: boolean;
 }
 
 function sizeOption(p: Parsed, name: string): number | undefined {
@@ -85,6 +101,7 @@ function plan(p: Parsed): MountPlan {
   const rootIsFile = st.isFile();
   if (!rootIsFile && !st.isDirectory()) throw new CliError(`mountpoint ${mountpoint} is neither a directory nor a regular file`);
   if (rootIsFile && images.length !== 1) throw new UsageError('a regular file as mountpoint takes exactly one image');
+  if (rootIsFile && flag(p, 'snapshots')) throw new UsageError('--snapshots needs a directory as mountpoint');
   if (!rootIsFile) {
     const names = new Map<string, string>();
     for (const img of images) {
@@ -110,6 +127,7 @@ function plan(p: Parsed): MountPlan {
     maxRequestBytes: Math.min(sizeOption(p, 'max-request') ?? 1024 * 1024, 1024 * 1024),
     allowOther: flag(p, 'allow-other'),
     debug: flag(p, 'debug'),
+    snapshots: flag(p, 'snapshots'),
   };
 }
 
@@ -148,6 +166,17 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     backend: new ImageBackend(img),
     hostPath: pl.images[i],
   }));
+  if (pl.snapshots) {
+    // Each snapshot is its own read-only view of the image file.
+    const active = images.length;
+    for (let i = 0; i < active; i++) {
+      for (const snap of images[i].snapshots) {
+        const view = await Qcow2Image.openFile(pl.images[i], { snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes });
+        images.push(view);
+        files.push({ name: snapshotFileName(pl.images[i], snap.name), backend: new ImageBackend(view), hostPath: pl.images[i] });
+      }
+    }
+  }
   const filesystem = new ImageFs(files, {
     rootIsFile: pl.rootIsFile,
     uid: process.getuid?.() ?? 0,
