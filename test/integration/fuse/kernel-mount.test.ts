@@ -1,0 +1,337 @@
+/**
+ * The kernel transport mounted for real (root, /dev/fuse) and checked with
+ * ordinary tools: stat, ls, cat/cmp, dd, truncate, fallocate, python's
+ * os.lseek. Each test mounts a fresh in-memory filesystem in its own temp
+ * directory and always unmounts in afterEach.
+ */
+import { expect } from 'chai';
+import { randomBytes } from 'crypto';
+import * as fs from 'fs';
+import * as path from 'path';
+import { constants } from 'os';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FuseErrno, type RequestContext, type Statfs } from '../../../src/fuse/filesystem';
+import { canMountKernel, mountKernel, unmountPath } from '../../../src/fuse/mount';
+import { BLOCK, MemoryFs, type MemoryFsOptions } from './memory-fs';
+import {
+  cleanupMount, defaultErrnoOf, delay, holdBusy, isMounted, mountForTest, mountLine, sh, shOk, type TestMount,
+} from './harness';
+
+const MiB = 1 << 20;
+
+describe('FUSE kernel transport (real mounts)', function () {
+  this.timeout(60_000);
+
+  let t: TestMount | undefined;
+  let mfs: MemoryFs;
+  let scratch: string | undefined;
+
+  async function mountMemory(opts: MemoryFsOptions = {}, preload?: Buffer): Promise<TestMount> {
+    mfs = new MemoryFs(opts);
+    if (preload) mfs.preload(0, preload);
+    t = await mountForTest(mfs, { rootIsFile: opts.rootIsFile ?? false });
+    return t;
+  }
+
+  /** A file outside the mount holding `bytes`, for cmp and dd. */
+  function outside(name: string, bytes: Buffer): string {
+    scratch ??= fs.mkdtempSync('/tmp/qcowfs-fuse-data-');
+    const p = path.join(scratch, name);
+    fs.writeFileSync(p, bytes);
+    return p;
+  }
+
+  function filePath(m: TestMount): string {
+    return path.join(m.mountpoint, mfs.fileName);
+  }
+
+  afterEach(async () => {
+    await cleanupMount(t);
+    t = undefined;
+    if (scratch) fs.rmSync(scratch, { recursive: true, force: true });
+    scratch = undefined;
+  });
+
+  it('can mount here (root and /dev/fuse)', () => {
+    expect(canMountKernel()).to.equal(true);
+  });
+
+  it('answers INIT with 1 MiB requests and shows up as fuse.<subtype>', async () => {
+    const m = await mountMemory();
+    const conn = m.mount.connection!;
+    expect(conn.protoMajor).to.equal(7);
+    expect(conn.protoMinor).to.be.at.least(24);
+    expect(conn.maxWrite).to.equal(MiB);
+    expect(conn.supportsLseek).to.equal(true);
+    expect(mfs.stats.init).to.deep.equal(conn);
+    const line = mountLine(m.mountpoint)!;
+    expect(line).to.match(/^qcowfs-test \S+ fuse\.qcowfs rw,/);
+    expect(line).to.contain('max_read=1048576');
+  });
+
+  it('stat and ls see the root directory and its file', async () => {
+    const m = await mountMemory({ initialSize: 0 }, randomBytes(3 * BLOCK + 100));
+    const st = (await shOk(`stat -c '%s %f %b %i %h' ${filePath(m)}`)).trim();
+    expect(st).to.equal(`${3 * BLOCK + 100} 81a4 32 2 1`);
+    const dir = (await shOk(`stat -c '%F %a' ${m.mountpoint}`)).trim();
+    expect(dir).to.equal('directory 755');
+    const ls = (await shOk(`ls -a1 ${m.mountpoint}`)).trim().split('\n');
+    expect(ls).to.deep.equal(['.', '..', 'disk.raw']);
+    expect(mfs.stats.readdirs).to.be.at.least(1);
+    const missing = await sh(`stat ${m.mountpoint}/nope`);
+    expect(missing.code).to.not.equal(0);
+    expect(missing.stderr).to.contain('No such file or directory');
+  });
+
+  it('cat/cmp read back the data, dd writes land in the filesystem', async () => {
+    const initial = randomBytes(2 * MiB + 12345);
+    const m = await mountMemory({}, initial);
+    const expected = outside('expected', initial);
+    await shOk(`cmp ${expected} ${filePath(m)}`);
+
+    const patch = randomBytes(300 * 1024);
+    const src = outside('patch', patch);
+    await shOk(`dd if=${src} of=${filePath(m)} bs=64k seek=3 conv=notrunc status=none`);
+    const want = Buffer.from(initial);
+    patch.copy(want, 3 * 65536);
+    expect(mfs.data.subarray(0, mfs.size).equals(want)).to.equal(true);
+    await shOk(`cmp ${outside('want', want)} ${filePath(m)}`);
+    expect(mfs.stats.writes).to.be.greaterThan(0);
+  });
+
+  it('truncate grows and shrinks the file through SETATTR', async () => {
+    const m = await mountMemory({}, randomBytes(BLOCK * 4));
+    await shOk(`truncate -s 10M ${filePath(m)}`);
+    expect(mfs.size).to.equal(10 * MiB);
+    expect((await shOk(`stat -c %s ${filePath(m)}`)).trim()).to.equal(String(10 * MiB));
+    await shOk(`truncate -s 1000 ${filePath(m)}`);
+    expect(mfs.size).to.equal(1000);
+    expect((await shOk(`wc -c < ${filePath(m)}`)).trim()).to.equal('1000');
+  });
+
+  it('answers SEEK_DATA / SEEK_HOLE from the filesystem', async () => {
+    const m = await mountMemory({ initialSize: MiB });
+    mfs.preload(0, randomBytes(BLOCK));
+    mfs.preload(64 * 1024, randomBytes(BLOCK));
+    const script = [
+      'import os, sys',
+      'fd = os.open(sys.argv[1], os.O_RDONLY)',
+      'out = [os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 4096, os.SEEK_DATA), os.lseek(fd, 65536, os.SEEK_HOLE)]',
+      'try:',
+      '    os.lseek(fd, 70000, os.SEEK_DATA); out.append("no-enxio")',
+      'except OSError as e:',
+      '    out.append(e.errno)',
+      'print(" ".join(map(str, out)))',
+    ].join('\n');
+    const py = outside('seek.py', Buffer.from(script));
+    const out = (await shOk(`python3 ${py} ${filePath(m)}`)).trim();
+    expect(out).to.equal(`4096 65536 69632 ${constants.errno.ENXIO}`);
+    expect(mfs.stats.lseeks.map((l) => l.whence)).to.include.members([3, 4]);
+  });
+
+  it('fallocate --punch-hole reaches the filesystem and reads back zeros', async () => {
+    const initial = randomBytes(MiB);
+    const m = await mountMemory({}, initial);
+    await shOk(`fallocate --punch-hole --offset 65536 --length 131072 ${filePath(m)}`);
+    expect(mfs.stats.fallocates).to.deep.equal([{ offset: 65536, length: 131072, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE }]);
+    expect(mfs.size).to.equal(MiB);
+    const want = Buffer.from(initial);
+    want.fill(0, 65536, 65536 + 131072);
+    await shOk(`cmp ${outside('want', want)} ${filePath(m)}`);
+    const holes = (await shOk(`python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 65536, os.SEEK_DATA))" ${filePath(m)}`)).trim();
+    expect(holes).to.equal(`65536 ${65536 + 131072}`);
+  });
+
+  it('fallocate without flags extends the file', async () => {
+    const m = await mountMemory({}, randomBytes(BLOCK));
+    await shOk(`fallocate -l 8M ${filePath(m)}`);
+    expect(mfs.size).to.equal(8 * MiB);
+    expect(mfs.stats.fallocates[0]).to.deep.equal({ offset: 0, length: 8 * MiB, mode: 0 });
+  });
+
+  it('serves concurrent reads in parallel', async () => {
+    const initial = randomBytes(8 * MiB);
+    const m = await mountMemory({ directIo: true, readDelayMs: 30 }, initial);
+    const expected = outside('expected', initial);
+    const jobs = Array.from({ length: 8 }, (_, i) =>
+      shOk(`dd if=${filePath(m)} bs=256k skip=${i * 4} count=4 status=none | cmp - ${expected} -i 0:${i * MiB} -n ${MiB}`));
+    await Promise.all(jobs);
+    expect(mfs.stats.peakInFlightReads).to.be.at.least(4);
+  });
+
+  it('passes 1 MiB reads and writes to the filesystem', async () => {
+    const m = await mountMemory({ directIo: true, initialSize: 0 });
+    const data = randomBytes(4 * MiB);
+    const src = outside('src', data);
+    await shOk(`dd if=${src} of=${filePath(m)} bs=1M count=4 status=none`);
+    expect(mfs.stats.maxWriteSize).to.equal(MiB);
+    expect(mfs.data.subarray(0, 4 * MiB).equals(data)).to.equal(true);
+    await shOk(`dd if=${filePath(m)} of=/dev/null bs=1M count=4 status=none`);
+    expect(mfs.stats.maxReadSize).to.equal(MiB);
+  });
+
+  it('buffered 1 MiB writes arrive as 1 MiB requests (big writes)', async () => {
+    const m = await mountMemory({ initialSize: 0 });
+    const src = outside('src', randomBytes(4 * MiB));
+    await shOk(`dd if=${src} of=${filePath(m)} bs=1M count=4 status=none`);
+    expect(mfs.stats.maxWriteSize).to.equal(MiB);
+  });
+
+  it('maps a handler error to an errno once, through errnoOf', async () => {
+    class Failing extends MemoryFs {
+      override async statfs(): Promise<Statfs> {
+        throw new Error('statfs is broken');
+      }
+    }
+    mfs = new Failing();
+    const seen: unknown[] = [];
+    t = await mountForTest(mfs, {
+      errnoOf: (err) => {
+        seen.push(err);
+        return constants.errno.EACCES;
+      },
+    });
+    const r = await sh(`stat -f ${t.mountpoint}`);
+    expect(r.code).to.not.equal(0);
+    expect(r.stderr).to.contain('Permission denied');
+    expect(seen.length).to.equal(1);
+    expect((seen[0] as Error).message).to.equal('statfs is broken');
+  });
+
+  it('aborts the signal of an interrupted request and answers it', async () => {
+    let aborted = 0;
+    let started = 0;
+    class Hanging extends MemoryFs {
+      override read(ctx: RequestContext): Promise<Buffer> {
+        started++;
+        return new Promise((_, reject) => {
+          ctx.signal!.addEventListener('abort', () => {
+            aborted++;
+            reject(new FuseErrno(constants.errno.EINTR));
+          });
+        });
+      }
+    }
+    mfs = new Hanging({ directIo: true });
+    mfs.preload(0, randomBytes(BLOCK));
+    t = await mountForTest(mfs);
+    const began = Date.now();
+    const r = await sh(`timeout -s INT 1 cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`, 20_000);
+    expect(r.code).to.not.equal(0);
+    expect(Date.now() - began).to.be.below(10_000);
+    expect(started).to.equal(1);
+    expect(aborted).to.equal(1);
+  });
+
+  it('answers a request whose handler never settles (EIO after requestTimeoutMs)', async () => {
+    class Stuck extends MemoryFs {
+      override read(): Promise<Buffer> {
+        return new Promise(() => undefined);
+      }
+    }
+    mfs = new Stuck({ directIo: true });
+    mfs.preload(0, randomBytes(BLOCK));
+    t = await mountForTest(mfs, { requestTimeoutMs: 500 });
+    const r = await sh(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`, 20_000);
+    expect(r.code).to.not.equal(0);
+    expect(r.stderr).to.contain('Input/output error');
+  });
+
+  it('unmount runs destroy and ends the session', async () => {
+    const m = await mountMemory({}, randomBytes(BLOCK));
+    await shOk(`cat ${filePath(m)} > /dev/null`);
+    await m.mount.unmount();
+    expect(isMounted(m.mountpoint)).to.equal(false);
+    expect(mfs.stats.destroyed).to.equal(1);
+    await m.mount.done;
+  });
+
+  it('an unmount from outside (umount) also ends the session', async () => {
+    const m = await mountMemory({}, randomBytes(BLOCK));
+    await shOk(`umount ${m.mountpoint}`);
+    await m.mount.done;
+    expect(mfs.stats.destroyed).to.equal(1);
+  });
+
+  it('refuses to unmount a busy mountpoint unless forced', async () => {
+    const m = await mountMemory({}, randomBytes(BLOCK));
+    const busy = holdBusy(m.mountpoint);
+    try {
+      await delay(200);
+      let code: string | undefined;
+      try {
+        await m.mount.unmount();
+      } catch (e) {
+        code = (e as { code?: string }).code;
+        expect((e as Error).message).to.contain('busy');
+      }
+      expect(code).to.equal('EBUSY');
+      expect(isMounted(m.mountpoint)).to.equal(true);
+      const forced = m.mount.unmount({ force: true });
+      await delay(200);
+      expect(isMounted(m.mountpoint)).to.equal(false);
+      busy.kill();
+      await busy.exited;
+      await forced;
+      expect(mfs.stats.destroyed).to.equal(1);
+    } finally {
+      busy.kill();
+    }
+  });
+
+  it('mounts over a regular file (rootIsFile)', async () => {
+    const initial = randomBytes(MiB + 7);
+    const m = await mountMemory({ rootIsFile: true }, initial);
+    expect(mountLine(m.mountpoint)).to.match(/ fuse\.qcowfs /);
+    const st = (await shOk(`stat -c '%F %s %i' ${m.mountpoint}`)).trim();
+    expect(st).to.equal(`regular file ${MiB + 7} 1`);
+    await shOk(`cmp ${outside('expected', initial)} ${m.mountpoint}`);
+    const patch = randomBytes(4096);
+    await shOk(`dd if=${outside('patch', patch)} of=${m.mountpoint} bs=4096 seek=2 conv=notrunc status=none`);
+    expect(mfs.data.subarray(8192, 12288).equals(patch)).to.equal(true);
+    const ls = await sh(`ls ${m.mountpoint}/`);
+    expect(ls.code).to.not.equal(0);
+  });
+});
+
+describe('FUSE kernel transport: mount errors', () => {
+  it('reports a missing mountpoint with code ENOENT', async () => {
+    const err = await mountKernel(new MemoryFs(), options('/nonexistent/qcowfs-mnt', false)).then(() => undefined, (e: unknown) => e);
+    expect(err).to.be.instanceOf(Error);
+    expect((err as { code: string }).code).to.equal('ENOENT');
+    expect((err as Error).message).to.contain('does not exist');
+  });
+
+  it('refuses a file mountpoint for a directory root and vice versa', async () => {
+    const base = fs.mkdtempSync('/tmp/qcowfs-fuse-err-');
+    try {
+      const file = path.join(base, 'f');
+      fs.writeFileSync(file, '');
+      const e1 = await mountKernel(new MemoryFs(), options(file, false)).then(() => undefined, (e: unknown) => e);
+      expect((e1 as { code: string }).code).to.equal('ENOTDIR');
+      const e2 = await mountKernel(new MemoryFs(), options(base, true)).then(() => undefined, (e: unknown) => e);
+      expect((e2 as { code: string }).code).to.equal('EISDIR');
+      expect(isMounted(base)).to.equal(false);
+      expect(isMounted(file)).to.equal(false);
+    } finally {
+      fs.rmSync(base, { recursive: true, force: true });
+    }
+  });
+
+  it('unmountPath on a path with nothing mounted fails with EINVAL', async () => {
+    const base = fs.mkdtempSync('/tmp/qcowfs-fuse-err-');
+    try {
+      const err = await unmountPath(base).then(() => undefined, (e: unknown) => e);
+      expect((err as { code: string }).code).to.equal('EINVAL');
+      expect((err as Error).message).to.contain('not mounted');
+    } finally {
+      fs.rmSync(base, { recursive: true, force: true });
+    }
+  });
+});
+
+function options(mountpoint: string, rootIsFile: boolean) {
+  return {
+    mountpoint, rootIsFile, readOnly: false, allowOther: false, fsname: 'x', subtype: 'qcowfs', debug: false,
+    maxRequestBytes: MiB, maxInFlight: 8, errnoOf: defaultErrnoOf,
+  };
+}
