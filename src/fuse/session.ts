@@ -29,6 +29,12 @@
  * EINTR after `interruptGraceMs`, and any request still pending after
  * `requestTimeoutMs` is answered EIO; its late result is dropped. FORGET,
  * BATCH_FORGET and INTERRUPT get no reply, as the protocol says.
+ *
+ * The serving process must never block on its own mount: a synchronous fs
+ * call on a path inside it, or child_process.spawn() with a `cwd` inside it
+ * (libuv waits for the child's exec while the child's chdir waits for a
+ * FUSE_ACCESS reply only this process can send), deadlocks. Touch the mount
+ * from other processes, or asynchronously.
  */
 import * as fs from 'fs';
 import { constants as osConstants } from 'os';
@@ -320,7 +326,7 @@ export class FuseSession {
         return;
       case 'interrupt':
         this.giveBuffer(buf);
-        this.interrupt(req.targetUnique);
+        this.interrupt(h.unique, req.targetUnique);
         return;
       default:
         break;
@@ -361,10 +367,10 @@ export class FuseSession {
     }
   }
 
-  private interrupt(target: number): void {
+  private interrupt(unique: number, target: number): void {
     const now = performance.now();
     const p = this.pending.get(target);
-    if (this.debug) this.debugLine(0, 'INTERRUPT', 0, `target=${target}`, p ? 'found' : 'not pending', 0);
+    if (this.debug) this.debugLine(unique, 'INTERRUPT', 0, `target=${target}`, p ? 'aborting' : 'not pending', 0);
     if (p !== undefined) p.interrupt(now);
     else this.earlyInterrupts.set(target, now);
   }

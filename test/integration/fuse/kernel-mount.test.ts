@@ -278,6 +278,43 @@ describe('FUSE kernel transport (real mounts)', function () {
     }
   });
 
+  it('mounts read-only when asked: writes fail before reaching the filesystem', async () => {
+    mfs = new MemoryFs();
+    mfs.preload(0, randomBytes(BLOCK));
+    t = await mountForTest(mfs, { readOnly: true });
+    expect(mountLine(t.mountpoint)).to.match(/ fuse\.qcowfs ro,/);
+    const r = await sh(`dd if=/dev/zero of=${path.join(t.mountpoint, mfs.fileName)} bs=4k count=1 conv=notrunc status=none`);
+    expect(r.code).to.not.equal(0);
+    expect(r.stderr).to.contain('Read-only file system');
+    expect(mfs.stats.writes).to.equal(0);
+    await shOk(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`);
+  });
+
+  it('debug: one line per request on stderr with opcode, node, arguments and result', async () => {
+    const lines: string[] = [];
+    const write = process.stderr.write.bind(process.stderr);
+    mfs = new MemoryFs();
+    mfs.preload(0, randomBytes(BLOCK));
+    (process.stderr as { write: unknown }).write = (chunk: string | Uint8Array, ...rest: unknown[]) => {
+      if (String(chunk).startsWith('fuse #')) {
+        lines.push(String(chunk));
+        return true;
+      }
+      return (write as (...a: unknown[]) => boolean)(chunk, ...rest);
+    };
+    try {
+      t = await mountForTest(mfs, { debug: true });
+      await shOk(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null; cat ${t.mountpoint}/missing 2>/dev/null || true`);
+      await t.mount.unmount();
+    } finally {
+      (process.stderr as { write: unknown }).write = write;
+    }
+    expect(lines.some((l) => /^fuse #\d+ INIT node=0 kernel=7\.\d+ .* -> 7\.\d+ max_write=1048576 /.test(l))).to.equal(true);
+    expect(lines.some((l) => /^fuse #\d+ LOOKUP node=1 name="disk\.raw" -> ok \(\d+\.\d{3} ms\)\n$/.test(l))).to.equal(true);
+    expect(lines.some((l) => /^fuse #\d+ LOOKUP node=1 name="missing" -> ENOENT /.test(l))).to.equal(true);
+    expect(lines.some((l) => /^fuse #\d+ READ node=2 fh=\d+ offset=0 size=\d+ -> 4096 bytes /.test(l))).to.equal(true);
+  });
+
   it('mounts over a regular file (rootIsFile)', async () => {
     const initial = randomBytes(MiB + 7);
     const m = await mountMemory({ rootIsFile: true }, initial);
