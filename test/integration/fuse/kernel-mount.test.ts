@@ -354,6 +354,23 @@ describe('FUSE kernel transport: mount errors', () => {
     }
   });
 
+  it('rejects and leaves nothing mounted when the filesystem refuses INIT', async () => {
+    class NoInit extends MemoryFs {
+      override init(): void {
+        throw new Error('cannot serve this image');
+      }
+    }
+    const base = fs.mkdtempSync('/tmp/qcowfs-fuse-err-');
+    try {
+      const err = await mountKernel(new NoInit(), options(base, false)).then(() => undefined, (e: unknown) => e);
+      expect((err as Error).message).to.equal('cannot serve this image');
+      expect(isMounted(base)).to.equal(false);
+    } finally {
+      if (isMounted(base)) await unmountPath(base, { lazy: true });
+      fs.rmSync(base, { recursive: true, force: true });
+    }
+  });
+
   it('unmountPath on a path with nothing mounted fails with EINVAL', async () => {
     const base = fs.mkdtempSync('/tmp/qcowfs-fuse-err-');
     try {
