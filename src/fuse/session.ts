@@ -55,8 +55,14 @@ import {
 
 const E = osConstants.errno;
 
-/** Outstanding device reads when not told otherwise. */
-export const DEFAULT_READERS = 4;
+/**
+ * Outstanding device reads when not told otherwise. Two keep a request ready
+ * while another is being served; more did not raise throughput in 4 KiB
+ * random-read runs (the main thread is the limit), and every extra reader
+ * takes a threadpool thread away from the filesystem's own I/O — which
+ * matters most when the pool could not be enlarged in time.
+ */
+export const DEFAULT_READERS = 2;
 /** The threadpool size ensureThreadpool() asks for when not told otherwise. */
 export const DEFAULT_THREADPOOL_SIZE = 16;
 /** libuv's own ceiling for UV_THREADPOOL_SIZE. */
@@ -87,7 +93,7 @@ export function threadpoolSize(): number {
 
 /** Options of the kernel transport beyond the shared MountOptions. */
 export interface KernelSessionOptions extends MountOptions {
-  /** Device reads kept outstanding (default 4, capped at threadpool size - 2). */
+  /** Device reads kept outstanding (default 2, capped at threadpool size - 2). */
   readers?: number;
   /** Answer EIO to a request whose handler has not settled after this long; 0 = never (default 120 s). */
   requestTimeoutMs?: number;
