@@ -242,8 +242,12 @@ export class FuseSession {
     return this.freeBuffers.pop() ?? Buffer.allocUnsafe(this.bufferSize);
   }
 
+  /**
+   * Keep as many buffers as can be busy at once (one per reader plus one per
+   * WRITE in flight), so a steady write load allocates nothing.
+   */
   private giveBuffer(buf: Buffer): void {
-    if (this.freeBuffers.length < this.readers * 2) this.freeBuffers.push(buf);
+    if (this.freeBuffers.length < this.readers + this.maxInFlight) this.freeBuffers.push(buf);
   }
 
   /** One reader: issue a read unless stopping or saturated. */
