@@ -9,8 +9,9 @@ import { createCommand } from './commands/create';
 import { resizeCommand } from './commands/resize';
 import { mountCommand } from './commands/mount';
 import { unmountCommand } from './commands/unmount';
+import { snapshotCommand } from './commands/snapshot';
 
-export const commands: Command[] = [mountCommand, unmountCommand, infoCommand, mapCommand, checkCommand, createCommand, resizeCommand];
+export const commands: Command[] = [mountCommand, unmountCommand, infoCommand, mapCommand, checkCommand, createCommand, resizeCommand, snapshotCommand];
 
 export function registerCommand(c: Command): void {
   if (!commands.some((x) => x.name === c.name)) commands.push(c);

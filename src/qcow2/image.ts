@@ -33,7 +33,7 @@ import { l1EntriesFor, l2EntriesPerTable, alignUp, alignDown } from './layout';
 import { TableCache } from './table-cache';
 import { RefcountManager } from './refcount';
 import { decompressCluster, DecompressionError } from './compression';
-import { Snapshot, decodeSnapshotTable } from './snapshot';
+import { Snapshot, decodeSnapshotTable, encodeSnapshotTable, snapshotTableSize } from './snapshot';
 import { Layer, MapExtent, RawLayer, mergeExtents } from './layer';
 import { RwLock } from './rwlock';
 import { readU64, writeU64, fromWords } from './uint64';
@@ -601,15 +601,18 @@ export class Qcow2Image implements Layer {
         out.push({ ...base, present: true, zero: false, data: true, compressed: true, offset: null });
         return;
       default: {
+        // Where nothing shows through, QEMU stops here; an unallocated
+        // subcluster of an allocated cluster still reports its host offset.
+        const hostAt = (p: number): number | null => (run.type === SubclusterType.UnallocatedAlloc ? run.hostOffset + (p - pos) : null);
         const b = this.backing;
         if (!b || pos >= b.virtualSize) {
-          out.push({ ...base, present: false, zero: true, data: false, offset: null });
+          out.push({ ...base, present: false, zero: true, data: false, offset: hostAt(pos) });
           return;
         }
         const inBacking = Math.min(run.length, b.virtualSize - pos);
         for (const e of await b.blockStatus(pos, inBacking)) out.push({ ...e, depth: e.depth + 1 });
         if (inBacking < run.length) {
-          out.push({ start: pos + inBacking, length: run.length - inBacking, depth: 0, present: false, zero: true, data: false, compressed: false, offset: null });
+          out.push({ start: pos + inBacking, length: run.length - inBacking, depth: 0, present: false, zero: true, data: false, compressed: false, offset: hostAt(pos + inBacking) });
         }
       }
     }
@@ -1210,6 +1213,211 @@ export class Qcow2Image implements Layer {
     if (this.backing) await this.backing.close().catch(() => {});
     if (this.dataDev !== this.dev) await this.dataDev.close().catch(() => {});
     await this.dev.close().catch(() => {});
+  }
+
+  // ---------------------------------------------------------------- internal snapshots
+
+  /**
+   * Take an internal snapshot of the active disk (qemu-img snapshot -c):
+   * copy the L1 table, count one more reference to everything it reaches
+   * (clearing OFLAG_COPIED, so later writes copy), then publish the new
+   * snapshot table through the header. A crash in between leaks clusters.
+   */
+  async createSnapshot(name: string): Promise<Snapshot> {
+    this.checkWritable();
+    if (this.snapshot) throw new InvalidRequestError('cannot snapshot a snapshot view');
+    return this.exclusive(async () => {
+      if (this.snapshots.some((s) => s.name === name)) throw new InvalidRequestError(`a snapshot named '${name}' already exists`);
+      if (!name) throw new InvalidRequestError('a snapshot needs a name');
+      if (this.refcounts!.maxRefcount < 2) throw new InvalidRequestError('internal snapshots need refcounts of at least 2 bits (this image has refcount_bits=1)');
+      await this.flushMetadata();
+      const rc = this.refcounts!;
+      await this.checkRefcountRoom(this.l1);
+      const l1Bytes = this.l1Size * 8;
+      const l1Clusters = Math.max(1, Math.ceil(l1Bytes / this.clusterSize));
+      const snapL1 = await rc.allocate(l1Clusters);
+      const copy = Buffer.alloc(l1Clusters * this.clusterSize);
+      this.l1.copy(copy);
+      await this.dev.pwrite(copy, snapL1);
+      await this.adjustTreeRefcounts(this.l1, +1);
+      await this.syncCopiedFlags();
+      const nextId = this.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0) + 1;
+      const now = Date.now();
+      const snap: Snapshot = {
+        l1TableOffset: snapL1,
+        l1Size: this.l1Size,
+        id: String(nextId),
+        name,
+        dateSec: Math.floor(now / 1000),
+        dateNsec: (now % 1000) * 1e6,
+        vmClockNsec: 0,
+        vmStateSize: 0,
+        diskSize: this.size,
+        icount: 0,
+        extraData: Buffer.alloc(0),
+      };
+      await this.writeSnapshotTable([...this.snapshots, snap]);
+      this.snapshots.push(snap);
+      return snap;
+    });
+  }
+
+  /** Delete an internal snapshot (qemu-img snapshot -d): unpublish it, then drop its references. */
+  async deleteSnapshot(idOrName: string): Promise<void> {
+    this.checkWritable();
+    await this.exclusive(async () => {
+      const snap = this.findSnapshot(idOrName);
+      if (!snap) throw new InvalidRequestError(`no snapshot '${idOrName}' in ${this.filename}`);
+      await this.flushMetadata();
+      const rest = this.snapshots.filter((s) => s !== snap);
+      await this.writeSnapshotTable(rest);
+      this.snapshots.splice(0, this.snapshots.length, ...rest);
+      const l1 = Buffer.alloc(snap.l1Size * 8);
+      await readFull(this.dev, l1, snap.l1TableOffset);
+      await this.adjustTreeRefcounts(l1, -1);
+      const l1Clusters = Math.max(1, Math.ceil((snap.l1Size * 8) / this.clusterSize));
+      for (let c = 0; c < l1Clusters; c++) await this.refcounts!.adjust(snap.l1TableOffset / this.clusterSize + c, -1);
+      await this.syncCopiedFlags();
+      await this.flushMetadata();
+      await this.dev.flush();
+    });
+  }
+
+  /** Revert the active disk to a snapshot (qemu-img snapshot -a); the snapshot stays. */
+  async applySnapshot(idOrName: string): Promise<void> {
+    this.checkWritable();
+    await this.exclusive(async () => {
+      const snap = this.findSnapshot(idOrName);
+      if (!snap) throw new InvalidRequestError(`no snapshot '${idOrName}' in ${this.filename}`);
+      await this.flushMetadata();
+      const snapL1 = Buffer.alloc(snap.l1Size * 8);
+      await readFull(this.dev, snapL1, snap.l1TableOffset);
+      // References for the snapshot's tree first, so nothing it reaches is freed below.
+      await this.checkRefcountRoom(snapL1);
+      await this.adjustTreeRefcounts(snapL1, +1);
+      if (snap.l1Size > this.l1Size) await this.growL1(snap.l1Size);
+      const oldL1 = Buffer.from(this.l1);
+      const next = Buffer.alloc(this.l1Size * 8);
+      snapL1.copy(next);
+      next.copy(this.l1);
+      await this.flushMetadata();
+      await this.dev.pwrite(this.l1, this.l1Offset);
+      this.size = snap.diskSize ?? this.size;
+      this.header.size = this.size;
+      await this.writeHeader();
+      await this.dev.flush();
+      this.l2Cache.dropClean();
+      this.compressedCache.clear();
+      await this.adjustTreeRefcounts(oldL1, -1);
+      await this.syncCopiedFlags();
+      await this.flushMetadata();
+      await this.dev.flush();
+    });
+  }
+
+  /**
+   * Every host cluster an L1 table reaches, once per reference: data and
+   * compressed clusters of each L2 table, then the table itself.
+   */
+  private async treeClusters(l1: Buffer, visit: (cluster: number, isL2Table: boolean) => Promise<void>): Promise<void> {
+    const cs = this.clusterSize;
+    const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
+    for (let i = 0; i < l1.length / 8; i++) {
+      const l2Offset = entryOffset(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
+      if (l2Offset === 0) continue;
+      if (l2Offset % cs !== 0) throw new CorruptImageError('L1 table', -1, `L2 table offset 0x${l2Offset.toString(16)} not cluster aligned`);
+      const table = Buffer.from(await this.l2Cache.get(l2Offset));
+      for (let j = 0; j < this.l2Entries; j++) {
+        const e = readL2Entry(table, j, this.extendedL2);
+        if (isCompressed(e.hi)) {
+          const d = decodeCompressedDescriptor(e.hi, e.lo, this.clusterBits);
+          const start = alignDown(d.hostOffset, 512);
+          const end = start + Math.ceil((d.compressedSize + (d.hostOffset % 512)) / 512) * 512;
+          for (let c = Math.floor(start / cs); c <= Math.floor((end - 1) / cs); c++) await visit(c, false);
+          continue;
+        }
+        if (this.hasDataFile || classifyL2Entry(e, 0, ctx) === SubclusterType.Invalid) continue;
+        const off = entryOffset(e.hi, e.lo);
+        if (off !== 0) await visit(off / cs, false);
+      }
+      await visit(l2Offset / cs, true);
+    }
+  }
+
+  /** Refuse before changing anything if one more reference to a tree would overflow a refcount. */
+  private async checkRefcountRoom(l1: Buffer): Promise<void> {
+    const rc = this.refcounts!;
+    const extra = new Map<number, number>();
+    await this.treeClusters(l1, async (c) => { extra.set(c, (extra.get(c) ?? 0) + 1); });
+    for (const [c, n] of extra) {
+      const after = (await rc.get(c)) + n;
+      if (after > rc.maxRefcount) {
+        throw new InvalidRequestError(`refcount overflow: host cluster ${c} would need ${after} references, more than refcount_bits=${2 ** this.header.refcountOrder} holds`);
+      }
+    }
+  }
+
+  /** Add `delta` to the refcount of every L2 table and cluster an L1 table reaches. */
+  private async adjustTreeRefcounts(l1: Buffer, delta: number): Promise<void> {
+    const rc = this.refcounts!;
+    await this.treeClusters(l1, async (c, isL2Table) => {
+      const left = await rc.adjust(c, delta);
+      if (isL2Table && left === 0) this.l2Cache.discard(c * this.clusterSize);
+    });
+  }
+
+  /** Make OFLAG_COPIED in the active L1 and L2 tables say exactly "refcount is 1". */
+  private async syncCopiedFlags(): Promise<void> {
+    const rc = this.refcounts!;
+    const cs = this.clusterSize;
+    for (let i = 0; i < this.l1Size; i++) {
+      const hi = this.l1.readUInt32BE(i * 8);
+      const l2Offset = entryOffset(hi, this.l1.readUInt32BE(i * 8 + 4));
+      if (l2Offset === 0) continue;
+      const l2Copied = (await rc.get(l2Offset / cs)) === 1;
+      if (l2Copied !== isCopied(hi)) await this.writeL1Entry(i, l2Offset, l2Copied);
+      const table = await this.l2Cache.get(l2Offset);
+      const changes: Array<[number, L2Entry]> = [];
+      for (let j = 0; j < this.l2Entries; j++) {
+        const e = readL2Entry(table, j, this.extendedL2);
+        if (isCompressed(e.hi) || this.hasDataFile) continue;
+        const off = entryOffset(e.hi, e.lo);
+        if (off === 0) continue;
+        const want = (await rc.get(off / cs)) === 1;
+        if (want !== isCopied(e.hi)) changes.push([j, { ...e, hi: (want ? e.hi | 0x80000000 : e.hi & 0x7fffffff) >>> 0 }]);
+      }
+      if (changes.length > 0) {
+        const t = await this.l2Cache.get(l2Offset);
+        for (const [j, e] of changes) writeL2Entry(t, j, e, this.extendedL2);
+        this.l2Cache.markDirty(l2Offset);
+      }
+    }
+  }
+
+  /** Write a new snapshot table and switch the header to it; the old table is freed after. */
+  private async writeSnapshotTable(snaps: Snapshot[]): Promise<void> {
+    const rc = this.refcounts!;
+    const cs = this.clusterSize;
+    const oldOffset = this.header.snapshotsOffset;
+    const oldBytes = this.header.nbSnapshots > 0 ? snapshotTableSize(this.snapshots) : 0;
+    let offset = 0;
+    if (snaps.length > 0) {
+      const buf = encodeSnapshotTable(snaps);
+      const clusters = Math.max(1, Math.ceil(buf.length / cs));
+      offset = await rc.allocate(clusters);
+      await this.dev.pwrite(buf, offset);
+    }
+    await this.flushMetadata();
+    await this.dev.flush();
+    this.header.nbSnapshots = snaps.length;
+    this.header.snapshotsOffset = offset;
+    await this.writeHeader();
+    await this.dev.flush();
+    if (oldBytes > 0) {
+      const first = oldOffset / cs;
+      const count = Math.max(1, Math.ceil(oldBytes / cs));
+      for (let c = 0; c < count; c++) await rc.adjust(first + c, -1);
+    }
   }
 
   // ---------------------------------------------------------------- helpers for check/info

@@ -7,7 +7,7 @@
  */
 import { BlockDevice } from '../io/block-device';
 import { TableCache } from './table-cache';
-import { CorruptImageError } from './errors';
+import { CorruptImageError, InvalidRequestError } from './errors';
 import { readU64, writeU64 } from './uint64';
 import { REFT_RESERVED_LO } from './constants';
 
@@ -120,9 +120,10 @@ export class RefcountManager {
 
   /** Set a refcount (the block must exist or is created). */
   async set(clusterIndex: number, value: number): Promise<void> {
-    if (value < 0 || value > this.maxRefcount) {
-      throw new CorruptImageError('refcount block', -1, `refcount of cluster ${clusterIndex} would be ${value}, outside 0..${this.maxRefcount}`);
+    if (value > this.maxRefcount) {
+      throw new InvalidRequestError(`refcount overflow: cluster ${clusterIndex} would need ${value} references, more than ${2 ** this.order}-bit refcounts hold`);
     }
+    if (value < 0) throw new CorruptImageError('refcount block', -1, `refcount of cluster ${clusterIndex} would be ${value}`);
     const bi = Math.floor(clusterIndex / this.entriesPerBlock);
     await this.ensureBlock(bi);
     const off = this.table[bi];
@@ -142,33 +143,111 @@ export class RefcountManager {
   /**
    * Allocate `count` contiguous clusters (refcount 1 each) and return the host
    * offset of the first. Freed clusters are reused lowest first.
+   *
+   * Ranges no refcount block covers count as free. Refcount blocks those
+   * clusters need are placed right after the run (where the search made sure
+   * there is room), not at the start of their range: a block at every range
+   * start would cap contiguous free space at entriesPerBlock - 1 clusters, and
+   * a run longer than that could never be found. New blocks reach the disk,
+   * with their own refcounts, before the table entries that point at them.
    */
   async allocate(count: number): Promise<number> {
+    if (!Number.isSafeInteger(count) || count < 1) throw new RangeError(`cannot allocate ${count} clusters`);
+    const epb = this.entriesPerBlock;
+    let extra = 0;
+    for (;;) {
+      const start = await this.findFree(count + extra);
+      // Blocks needed for the run and for the blocks themselves (placed after the run).
+      let blocks = 0;
+      for (;;) {
+        const need = this.missingBlocks(start, start + count + blocks).length;
+        if (need === blocks) break;
+        blocks = need;
+      }
+      if (blocks > extra) {
+        extra = blocks;
+        continue;
+      }
+      const lastBi = Math.floor((start + count + blocks - 1) / epb);
+      if (lastBi >= this.table.length) {
+        await this.growTable(lastBi);
+        continue;
+      }
+      if (blocks > 0) await this.addBlocks(this.missingBlocks(start, start + count + blocks), start + count);
+      for (let c = start; c < start + count; c++) await this.set(c, 1);
+      if (start === this.freeHint) this.freeHint = start + count;
+      return start * this.clusterSize;
+    }
+  }
+
+  /** First cluster of a run of `count` clusters with refcount 0 (uncovered ranges count as free). */
+  private async findFree(count: number): Promise<number> {
+    const epb = this.entriesPerBlock;
     let start = this.freeHint;
     let run = 0;
-    let i = start;
-    for (;;) {
-      const bi = Math.floor(i / this.entriesPerBlock);
+    for (let i = this.freeHint; ; i++) {
+      const bi = Math.floor(i / epb);
       if (bi >= this.table.length || this.table[bi] === 0) {
-        // Whole uncovered range is free; create its block first (it takes a cluster of the range).
-        await this.ensureBlock(bi);
-        // The scan restarts at this range; the block's cluster is now in use.
+        // The whole range is free.
         if (run === 0) start = i;
+        const rangeEnd = (bi + 1) * epb;
+        run += rangeEnd - i;
+        if (run >= count) return start;
+        i = rangeEnd - 1;
+        continue;
       }
-      const rc = await this.get(i);
-      if (rc === 0) {
+      if ((await this.get(i)) === 0) {
         if (run === 0) start = i;
-        run++;
-        if (run === count) break;
+        if (++run === count) return start;
       } else {
         run = 0;
         if (i === this.freeHint) this.freeHint = i + 1;
       }
-      i++;
     }
-    for (let c = start; c < start + count; c++) await this.set(c, 1);
-    if (start === this.freeHint) this.freeHint = start + count;
-    return start * this.clusterSize;
+  }
+
+  /** Refcount block indexes without a block among the ranges clusters [first, end) fall in. */
+  private missingBlocks(first: number, end: number): number[] {
+    const out: number[] = [];
+    for (let bi = Math.floor(first / this.entriesPerBlock); bi <= Math.floor((end - 1) / this.entriesPerBlock); bi++) {
+      if (bi >= this.table.length || this.table[bi] === 0) out.push(bi);
+    }
+    return out;
+  }
+
+  /**
+   * Create refcount blocks `bis` on the free clusters starting at `at`, each
+   * counting the block clusters in its range; blocks that already exist count
+   * the rest. All of it is written before the refcount table entries.
+   */
+  private async addBlocks(bis: number[], at: number): Promise<void> {
+    const epb = this.entriesPerBlock;
+    const cs = this.clusterSize;
+    const fresh = new Map<number, Buffer>();
+    for (const bi of bis) fresh.set(bi, Buffer.alloc(cs));
+    for (let k = 0; k < bis.length; k++) {
+      const c = at + k;
+      const bi = Math.floor(c / epb);
+      const block = fresh.get(bi);
+      if (block) writeRefcountEntry(block, c % epb, this.order, 1);
+    }
+    for (let k = 0; k < bis.length; k++) {
+      const offset = (at + k) * cs;
+      const block = fresh.get(bis[k])!;
+      await this.dev.pwrite(block, offset);
+      await this.cache.install(offset, block, false);
+      this.table[bis[k]] = offset;
+    }
+    for (let k = 0; k < bis.length; k++) {
+      const c = at + k;
+      if (!fresh.has(Math.floor(c / epb))) await this.set(c, 1);
+    }
+    await this.cache.flush();
+    const entry = Buffer.alloc(8);
+    for (const bi of bis) {
+      writeU64(entry, 0, this.table[bi]);
+      await this.dev.pwrite(entry, this.tableOffset + bi * 8);
+    }
   }
 
   /** Make sure refcount block `bi` exists, growing the table if needed. */

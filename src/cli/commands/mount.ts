@@ -182,7 +182,7 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     uid: process.getuid?.() ?? 0,
     gid: process.getgid?.() ?? 0,
   });
-  const mountOpts: MountOptions = {
+  const mountOpts: MountOptions & { requestTimeoutMs: number } = {
     mountpoint: pl.mountpoint,
     rootIsFile: pl.rootIsFile,
     readOnly: pl.readOnly,
@@ -193,6 +193,8 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     maxRequestBytes: pl.maxRequestBytes,
     maxInFlight: 16,
     errnoOf,
+    // A slow flush is still a flush: never answer EIO while the engine is working.
+    requestTimeoutMs: 0,
   };
   let mount: FuseMount;
   try {

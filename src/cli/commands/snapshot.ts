@@ -1,0 +1,81 @@
+import * as fs from 'fs';
+import * as path from 'path';
+import { OptionSpec, Parsed, flag, value, UsageError } from '../args';
+import { Command, writeOut } from '../command';
+import { CliError } from '../exit';
+import { Qcow2Image } from '../../qcow2/image';
+import { stateDir, processAlive, MountRecord } from '../state';
+
+const options: OptionSpec[] = [
+  { name: 'list', short: 'l', help: 'list the snapshots' },
+  { name: 'create', short: 'c', value: true, meta: 'NAME', help: 'take a snapshot of the current disk' },
+  { name: 'delete', short: 'd', value: true, meta: 'NAME', help: 'delete a snapshot (by id or name)' },
+  { name: 'apply', short: 'a', value: true, meta: 'NAME', help: 'revert the disk to a snapshot (by id or name)' },
+  { name: 'help', short: 'h', help: 'show this help' },
+];
+
+/** Mounts served by a live qcowfs daemon that include `image`. */
+function mountedBy(image: string): MountRecord | null {
+  const want = fs.realpathSync(image);
+  let names: string[];
+  try {
+    names = fs.readdirSync(stateDir()).filter((n) => n.endsWith('.json'));
+  } catch {
+    return null;
+  }
+  for (const n of names) {
+    try {
+      const r = JSON.parse(fs.readFileSync(path.join(stateDir(), n), 'utf8')) as MountRecord;
+      if (processAlive(r.pid) && r.images.some((i) => fs.existsSync(i) && fs.realpathSync(i) === want)) return r;
+    } catch {
+      // a record being rewritten: ignore
+    }
+  }
+  return null;
+}
+
+async function run(p: Parsed): Promise<number> {
+  const [file, ...rest] = p.positional;
+  if (!file || rest.length > 0) throw new UsageError('snapshot takes exactly one image');
+  const actions = ['list', 'create', 'delete', 'apply'].filter((a) => flag(p, a));
+  if (actions.length !== 1) throw new UsageError('give exactly one of -l, -c NAME, -d NAME, -a NAME');
+  const action = actions[0];
+  if (action !== 'list') {
+    const m = mountedBy(file);
+    if (m) throw new CliError(`${file} is mounted at ${m.mountpoint} (pid ${m.pid}); unmount it first`);
+  }
+  const img = await Qcow2Image.openFile(file, { readOnly: action === 'list', openBacking: false });
+  try {
+    switch (action) {
+      case 'list': {
+        if (img.snapshots.length === 0) break;
+        let out = 'Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n';
+        for (const s of img.snapshots) {
+          const d = new Date(s.dateSec * 1000);
+          const pad = (n: number, w = 2) => String(n).padStart(w, '0');
+          const date = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+          const secs = Math.floor(s.vmClockNsec / 1e9);
+          const clock = `${pad(Math.floor(secs / 3600))}:${pad(Math.floor(secs / 60) % 60)}:${pad(secs % 60)}.${pad(Math.floor((s.vmClockNsec % 1e9) / 1e6), 3)}`;
+          out += `${s.id.padEnd(10)}${s.name.padEnd(18)}${`${s.vmStateSize} B`.padStart(7)} ${date} ${clock} ${String(s.icount ?? '').padStart(10)}\n`;
+        }
+        writeOut(out);
+        break;
+      }
+      case 'create': await img.createSnapshot(value(p, 'create')!); break;
+      case 'delete': await img.deleteSnapshot(value(p, 'delete')!); break;
+      case 'apply': await img.applySnapshot(value(p, 'apply')!); break;
+    }
+  } finally {
+    await img.close();
+  }
+  return 0;
+}
+
+export const snapshotCommand: Command = {
+  name: 'snapshot',
+  summary: 'list, create, delete or apply internal snapshots (like qemu-img snapshot)',
+  usage: 'qcowfs snapshot IMAGE -l | -c NAME | -d NAME | -a NAME',
+  details: 'Changing snapshots is refused while a qcowfs daemon serves the image.',
+  options,
+  run,
+};
