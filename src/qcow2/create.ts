@@ -12,7 +12,7 @@ import {
   QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD, MIN_CLUSTER_BITS,
   MAX_CLUSTER_BITS, QCOW_MAX_L1_SIZE_BYTES, QCOW_MAX_VIRTUAL_SIZE, QCOW_CRYPT_NONE,
 } from './constants';
-import { encodeHeader, Qcow2Header } from './header';
+import { encodeHeader, encodedHeaderSize, Qcow2Header } from './header';
 import { writeRefcountEntry } from './refcount';
 import { l1EntriesFor } from './layout';
 import { writeU64 } from './uint64';
@@ -144,7 +144,12 @@ export async function createOnDevice(dev: BlockDevice, options: CreateOptions): 
     extensions: [],
   };
   if (o.backingFormat) h.extensions.push({ type: QCOW2_EXT_MAGIC_BACKING_FORMAT, data: Buffer.from(o.backingFormat) });
-  if (v3) h.extensions.push({ type: QCOW2_EXT_MAGIC_FEATURE_TABLE, data: featureTable() });
+  if (v3) {
+    // The feature name table is optional; QEMU leaves it out when it does not fit the
+    // header cluster (512 B clusters with a backing file), and so do we.
+    h.extensions.push({ type: QCOW2_EXT_MAGIC_FEATURE_TABLE, data: featureTable() });
+    if (encodedHeaderSize(h) > cs) h.extensions.pop();
+  }
   const header = encodeHeader(h, cs);
 
   const table = Buffer.alloc(tableClusters * cs);
