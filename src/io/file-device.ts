@@ -1,5 +1,6 @@
 import * as fs from 'fs';
 import { BlockDevice } from './block-device';
+import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
 
 const fsp = fs.promises;
 
@@ -16,7 +17,11 @@ export class FileDevice implements BlockDevice {
     this.length = length;
   }
 
-  static async open(path: string, opts: { readOnly?: boolean } = {}): Promise<FileDevice> {
+  /**
+   * Open a file. With `lock`, take QEMU's image locks (read-only users
+   * share, writers exclude everyone else) and fail with ImageLockedError.
+   */
+  static async open(path: string, opts: { readOnly?: boolean; lock?: boolean } = {}): Promise<FileDevice> {
     const readOnly = opts.readOnly ?? false;
     const handle = await fsp.open(path, readOnly ? 'r' : 'r+');
     try {
@@ -24,6 +29,7 @@ export class FileDevice implements BlockDevice {
       if (!st.isFile() && !st.isBlockDevice()) {
         throw Object.assign(new Error(`${path}: not a regular file`), { code: 'EINVAL' });
       }
+      if (opts.lock) lockImage(handle.fd, path, readOnly ? READ_ONLY_LOCK : READ_WRITE_LOCK);
       return new FileDevice(handle, path, readOnly, st.size);
     } catch (err) {
       await handle.close();

@@ -13,6 +13,7 @@
 import * as path from 'path';
 import { BlockDevice, hasAllocatedSize, readFull } from '../io/block-device';
 import { FileDevice } from '../io/file-device';
+import { LockConflictError } from '../io/image-lock';
 import {
   QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY, QCOW2_INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK,
   QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_AUTOCLEAR_MASK, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW_CRYPT_NONE,
@@ -21,7 +22,7 @@ import {
   QCOW_MAX_VIRTUAL_SIZE, QCOW_MAX_SNAPSHOTS_SIZE,
 } from './constants';
 import {
-  CorruptImageError, UnsupportedImageError, ReadOnlyImageError, BackingChainError, InvalidRequestError,
+  CorruptImageError, UnsupportedImageError, ReadOnlyImageError, BackingChainError, InvalidRequestError, ImageLockedError,
   OutOfRangeError, NotQcow2Error, QcowError,
 } from './errors';
 import { decodeHeader, encodeHeader, featureName, Qcow2Header } from './header';
@@ -59,6 +60,8 @@ export interface OpenOptions {
   chain?: string[];
   /** Allow opening an image whose corrupt bit is set, read-only. */
   allowCorrupt?: boolean;
+  /** Take QEMU's image locks on the files opened (default true). */
+  lock?: boolean;
 }
 
 /** One run of guest space with one mapping in this layer. */
@@ -77,8 +80,14 @@ const DEFAULT_REFCOUNT_CACHE = 4 * 1024 * 1024;
 const MAX_PENDING_FREES = 4096;
 const COMPRESSED_CACHE_CLUSTERS = 8;
 
-async function defaultOpenDevice(file: string, readOnly: boolean): Promise<BlockDevice> {
-  return FileDevice.open(file, { readOnly });
+/** Open an image file with QEMU's locks (unless `lock` is false). */
+async function openFileDevice(file: string, readOnly: boolean, lock: boolean): Promise<BlockDevice> {
+  try {
+    return await FileDevice.open(file, { readOnly, lock });
+  } catch (err) {
+    if (err instanceof LockConflictError) throw new ImageLockedError(err.file, err.reason);
+    throw err;
+  }
 }
 
 export class Qcow2Image implements Layer {
@@ -137,7 +146,7 @@ export class Qcow2Image implements Layer {
 
   /** Open the image at `file` (its backing chain and data file resolve against its directory). */
   static async openFile(file: string, opts: OpenOptions = {}): Promise<Qcow2Image> {
-    const openDevice = opts.openDevice ?? defaultOpenDevice;
+    const openDevice = opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, opts.lock !== false));
     const readOnly = !!opts.readOnly || opts.snapshot !== undefined;
     const dev = await openDevice(file, readOnly);
     try {
@@ -215,7 +224,7 @@ export class Qcow2Image implements Layer {
     // External data file.
     if (h.incompatibleFeatures & QCOW2_INCOMPAT_DATA_FILE) {
       if (!h.dataFile) throw new UnsupportedImageError('external data file', 'the image names no data file');
-      const openDevice = this.opts.openDevice ?? defaultOpenDevice;
+      const openDevice = this.opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, this.opts.lock !== false));
       const p = this.resolvePath(h.dataFile);
       try {
         this.dataDev = await openDevice(p, this.readOnlyReason !== null);
@@ -300,7 +309,7 @@ export class Qcow2Image implements Layer {
     const chain = this.opts.chain ?? [path.resolve(this.filename)];
     if (chain.includes(p)) throw new BackingChainError(p, `backing chain loops (${[...chain, p].join(' -> ')})`);
     if (chain.length > 256) throw new BackingChainError(p, 'backing chain deeper than 256 images');
-    const openDevice = this.opts.openDevice ?? defaultOpenDevice;
+    const openDevice = this.opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, this.opts.lock !== false));
     let dev: BlockDevice;
     try {
       dev = await openDevice(p, true);
@@ -323,6 +332,7 @@ export class Qcow2Image implements Layer {
         baseDir: path.dirname(p),
         openDevice: this.opts.openDevice,
         chain: [...chain, p],
+        lock: this.opts.lock,
         l2CacheBytes: Math.max(this.clusterSize * 4, Math.floor((this.opts.l2CacheBytes ?? DEFAULT_L2_CACHE) / 4)),
         allowCorrupt: true,
       });

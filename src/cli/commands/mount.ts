@@ -171,7 +171,8 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     const active = images.length;
     for (let i = 0; i < active; i++) {
       for (const snap of images[i].snapshots) {
-        const view = await Qcow2Image.openFile(pl.images[i], { snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes });
+        // The active view already holds this file's locks for this process.
+        const view = await Qcow2Image.openFile(pl.images[i], { snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes, lock: false });
         images.push(view);
         files.push({ name: snapshotFileName(pl.images[i], snap.name), backend: new ImageBackend(view), hostPath: pl.images[i] });
       }
