@@ -69,7 +69,9 @@ export function classifyL2Entry(e: L2Entry, sc: number, ctx: ClassifyContext): S
   const offset = entryOffset(e.hi, e.lo);
   const allocated = offset !== 0 || (ctx.hasDataFile && isCopied(e.hi));
   if (!ctx.extendedL2) {
-    if (e.lo & QCOW_OFLAG_ZERO_LO) return allocated ? SubclusterType.ZeroAlloc : SubclusterType.ZeroPlain;
+    // QEMU's qcow2_get_cluster_type tests the zero flag before the data file
+    // rule: a zero entry at offset 0 is ZERO_PLAIN even with OFLAG_COPIED.
+    if (e.lo & QCOW_OFLAG_ZERO_LO) return offset !== 0 ? SubclusterType.ZeroAlloc : SubclusterType.ZeroPlain;
     return allocated ? SubclusterType.Normal : SubclusterType.UnallocatedPlain;
   }
   const zeroBit = (e.bitmapHi >>> sc) & 1;
