@@ -105,6 +105,30 @@ function qemuReadRange(file: string, offset: number, length: number): Buffer {
   return Buffer.from(bytes);
 }
 
+/** SEEK_DATA and SEEK_HOLE from inside and at the edges of every range, and past the end. */
+async function seekFromInside(img: Qcow2Image, ranges: Array<[number, number]>): Promise<void> {
+  const size = img.virtualSize;
+  const probes = new Set<number>([0, size - 1]);
+  for (const [s, e] of ranges) for (const o of [s - 1, s, s + 1, (s + e) >> 1, e - 1, e, e + 1]) if (o >= 0 && o < size) probes.add(o);
+  for (const o of probes) {
+    const inData = ranges.find(([s, e]) => o >= s && o < e);
+    const next = ranges.find(([s]) => s > o);
+    const wantData = inData ? o : next ? next[0] : null;
+    const gotData = await img.seekData(o).catch((err: unknown) => {
+      expect(err).to.be.instanceOf(OutOfRangeError);
+      return null;
+    });
+    expect(gotData, `SEEK_DATA from ${o}`).to.equal(wantData);
+    expect(await img.seekHole(o), `SEEK_HOLE from ${o}`).to.equal(inData ? inData[1] : o);
+  }
+  for (const o of [size, size + 1]) {
+    for (const seek of [(x: number) => img.seekData(x), (x: number) => img.seekHole(x)]) {
+      const err = await seek(o).then(() => null, (e: unknown) => e);
+      expect(err, `seek from ${o}`).to.be.instanceOf(OutOfRangeError);
+    }
+  }
+}
+
 function firstDifference(a: Buffer, b: Buffer): number {
   const n = Math.min(a.length, b.length);
   for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
@@ -168,7 +192,9 @@ async function verify(file: string, opts: VerifyOptions = {}): Promise<MapExtent
     if (opts.map !== false && opts.snapshot === undefined) {
       const map = expectedMap(file);
       expect(shape(extents)).to.deep.equal(map);
-      expect(await seekWalk(img)).to.deep.equal(dataRanges(map));
+      const ranges = dataRanges(map);
+      expect(await seekWalk(img)).to.deep.equal(ranges);
+      await seekFromInside(img, ranges);
     }
     return extents;
   } finally {
@@ -359,6 +385,28 @@ describe('qcow2 read engine against QEMU', function () {
       });
     }
 
+    it('compressed clusters in an extended L2 image', async () => {
+      const cs = 64 * KiB;
+      const buf = Buffer.alloc(1 * MiB);
+      buf.fill('extended L2 and compression ', 0, 512 * KiB);
+      patternBuffer(256 * KiB, 7).copy(buf, 512 * KiB);
+      fs.writeFileSync(p('xl2c.raw'), buf);
+      for (const type of ['zlib', 'zstd']) {
+        const file = p(`xl2c-${type}.qcow2`);
+        qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `extended_l2=on,cluster_size=${cs},compression_type=${type}`, p('xl2c.raw'), file);
+        io(file, [w(0, 2 * cs + 3 * 2048, 100), `write -z ${4 * cs} ${2048 * 3}`]);
+        const extents = await verify(file);
+        expect(extents.some((e) => e.compressed)).to.equal(true);
+      }
+    });
+
+    it('with an external data file', async () => {
+      const cs = 32 * KiB;
+      const file = create('xl2df.qcow2', 1 * MiB, ['extended_l2=on', `cluster_size=${cs}`, `data_file=${p('xl2df.data')}`]);
+      io(file, [w(0, 1024 + 5, 3000), w(1, 3 * cs, 2 * cs), `write -z ${3 * cs + 1024} ${2048}`, `write -z -u ${10 * cs} ${cs}`]);
+      await verify(file);
+    });
+
     it('over a backing file: unallocated subclusters show the backing data', async () => {
       const cs = 64 * KiB;
       const sc = cs / 32;
@@ -521,14 +569,16 @@ describe('qcow2 read engine against QEMU', function () {
   });
 
   describe('internal snapshots', () => {
-    it('reads the image as of each snapshot and lists them as QEMU does', async () => {
-      const file = create('snap.qcow2', 1 * MiB, ['cluster_size=4096']);
+    for (const compat of ['0.10', '1.1']) it(`compat=${compat}: reads the image as of each snapshot and lists them as QEMU does`, async () => {
+      const file = create(`snap-${compat}.qcow2`, 1 * MiB, ['cluster_size=4096', `compat=${compat}`]);
       io(file, [w(0, 0, 300 * KiB)]);
       qemuImg('snapshot', '-c', 'first', file);
       io(file, [w(1, 100 * KiB, 50 * KiB), `write -z ${200 * KiB} ${8 * KiB}`]);
       qemuImg('snapshot', '-c', 'second one', file);
-      qemuImg('resize', '-q', file, String(2 * MiB));
-      io(file, [w(2, 1 * MiB + 7, 12 * KiB), `discard 0 ${64 * KiB}`]);
+      // QEMU resizes no v2 image that has snapshots.
+      const grown = compat === '0.10' ? 1 * MiB : 2 * MiB;
+      if (grown !== 1 * MiB) qemuImg('resize', '-q', file, String(grown));
+      io(file, [w(2, grown - 20 * KiB + 7, 12 * KiB), `discard 0 ${64 * KiB}`]);
       qemuImg('snapshot', '-c', '3', file);
       io(file, [w(0, 5 * KiB, 1)]);
 
@@ -544,7 +594,7 @@ describe('qcow2 read engine against QEMU', function () {
           id: s.id, name: s.name, 'vm-state-size': s['vm-state-size'], 'date-sec': s['date-sec'], 'date-nsec': s['date-nsec'],
           'vm-clock-sec': s['vm-clock-sec'], 'vm-clock-nsec': s['vm-clock-nsec'],
         })));
-        expect(img.snapshots.map((s) => s.diskSize)).to.deep.equal([1 * MiB, 1 * MiB, 2 * MiB]);
+        expect(img.snapshots.map((s) => s.diskSize)).to.deep.equal([1 * MiB, 1 * MiB, grown]);
       } finally {
         await img.close();
       }
@@ -554,7 +604,7 @@ describe('qcow2 read engine against QEMU', function () {
 
       for (const s of want) {
         // The disk as QEMU restores it (`snapshot -a`), size included.
-        const applied = p(`snap-applied-${s.id}.qcow2`);
+        const applied = p(`snap-applied-${compat}-${s.id}.qcow2`);
         fs.copyFileSync(file, applied);
         qemuImg('snapshot', '-a', s.name as string, applied);
         const restored = qemuRaw(applied);
@@ -654,6 +704,19 @@ describe('qcow2 read engine against QEMU', function () {
         expect(err).to.be.instanceOf(UnsupportedImageError);
         expect((err as Error).message).to.include(what);
       }
+    });
+
+    it('the dirty bit and unknown compatible and autoclear bits still allow a read-only open', async () => {
+      const file = create('bits.qcow2', 1 * MiB, ['lazy_refcounts=on']);
+      io(file, [w(0, 1000, 200 * KiB)]);
+      const buf = fs.readFileSync(file);
+      buf.writeUInt32BE(buf.readUInt32BE(76) | 1, 76); // dirty
+      buf.writeUInt32BE(buf.readUInt32BE(84) | (1 << 9), 84); // compatible bit 9
+      buf.writeUInt32BE(buf.readUInt32BE(92) | (1 << 7), 92); // autoclear bit 7
+      fs.writeFileSync(file, buf);
+      const before = fs.readFileSync(file);
+      await verify(file);
+      expect(fs.readFileSync(file).equals(before), 'a read-only open writes nothing').to.equal(true);
     });
 
     it('the corrupt bit still allows a read-only open', async () => {
