@@ -116,6 +116,8 @@ export class Qcow2Image implements Layer {
   private readOnlyReason: string | null;
   private closed = false;
   private dirtyBitSet = false;
+  /** The corruption that stopped writing (later writes fail with it, as CorruptImageError). */
+  private corruption: CorruptImageError | null = null;
 
   private constructor(
     readonly dev: BlockDevice,
@@ -668,6 +670,10 @@ export class Qcow2Image implements Layer {
 
   private checkWritable(): void {
     this.checkOpen();
+    if (this.corruption) {
+      const c = this.corruption;
+      throw new CorruptImageError(c.structure, c.hostOffset, `the image was marked corrupt (${c.reason}); no further writes`);
+    }
     if (this.readOnlyReason !== null) throw new ReadOnlyImageError(this.readOnlyReason);
   }
 
@@ -692,6 +698,10 @@ export class Qcow2Image implements Layer {
         done += run.length;
       }
       return true;
+    }).catch(async (err: unknown) => {
+      // The lookup found corrupt metadata: that stops writing as it does under the exclusive lock.
+      if (err instanceof CorruptImageError) await this.lock.exclusive(() => this.markCorrupt(err));
+      throw err;
     });
     if (inPlace) return;
     await this.exclusive(() => this.writeLocked(data, offset));
@@ -1179,6 +1189,7 @@ export class Qcow2Image implements Layer {
   /** Metadata contradicts itself: set the corrupt bit (as QEMU does) and stop writing. */
   private async markCorrupt(err: CorruptImageError): Promise<void> {
     if (this.readOnlyReason !== null) return;
+    this.corruption = err;
     this.readOnlyReason = `image marked corrupt: ${err.message}`;
     if (this.version >= 3) {
       this.header.incompatibleFeatures |= QCOW2_INCOMPAT_CORRUPT;
