@@ -7,6 +7,7 @@ pkgs=(
   fuse3                # fusermount for unprivileged mounts
   e2fsprogs            # mkfs.ext4, e2fsck for loop-mount tests
   util-linux           # losetup, mount, setpriv
+  fdisk                # sfdisk, to partition disks in tests
   python3              # lseek SEEK_DATA/SEEK_HOLE probes in tests
   fio                  # benchmark and concurrency tests
 )

@@ -28,6 +28,8 @@ export interface MountedFile {
   backend: FileBackend;
   /** Where statfs numbers come from (the image's directory). */
   hostPath: string;
+  /** Bypass the page cache, so every read and write reaches the backend. */
+  directIo?: boolean;
 }
 
 interface Node {
@@ -228,6 +230,7 @@ export class ImageFs implements FuseFilesystem {
     const n = this.node(nodeid);
     if ((flags & O_ACCMODE) !== O_RDONLY && n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
     n.openCount++;
+    if (n.file.directIo) return { fh: this.nextFh++, directIo: true };
     return { fh: this.nextFh++, keepCache: true };
   }
 

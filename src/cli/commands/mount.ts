@@ -9,6 +9,7 @@ import { CorruptImageError } from '../../qcow2/errors';
 import { parseSize } from '../../qcow2/layout';
 import { ImageFs, MountedFile } from '../../fs/image-fs';
 import { ImageBackend } from '../../fs/backend';
+import { readPartitionTable, PartitionWatch, WatchedDisk, PartitionBackend } from '../../fs/partitions';
 import { errnoOf } from '../../fs/errno';
 import { FuseMount, MountOptions } from '../../fuse/filesystem';
 import { mountKernel, canMountKernel } from '../../fuse/mount';
@@ -19,6 +20,7 @@ import { writeRecord, removeRecord, logPath, ensureStateDir } from '../state';
 const options: OptionSpec[] = [
   { name: 'read-only', short: 'r', help: 'serve the images read-only' },
   { name: 'snapshot', short: 's', value: true, meta: 'NAME', help: 'serve the image as of this internal snapshot (id or name); implies --read-only' },
+  { name: 'partitions', help: 'also serve each partition of an MBR or GPT disk as IMAGE-pN.raw' },
   { name: 'snapshots', help: 'also serve every internal snapshot, read-only, as IMAGE@NAME.raw' },
   { name: 'allow-other', help: 'let other users access the mount (libfuse: needs user_allow_other in /etc/fuse.conf)' },
   { name: 'foreground', short: 'f', help: 'stay in the foreground; by default the daemon detaches once the mount is usable' },
@@ -71,6 +73,7 @@ interface MountPlan {
   allowOther: boolean;
   debug: boolean;
   snapshots: boolean;
+  partitions: boolean;
 }
 
 function sizeOption(p: Parsed, name: string): number | undefined {
@@ -101,7 +104,7 @@ function plan(p: Parsed): MountPlan {
   const rootIsFile = st.isFile();
   if (!rootIsFile && !st.isDirectory()) throw new CliError(`mountpoint ${mountpoint} is neither a directory nor a regular file`);
   if (rootIsFile && images.length !== 1) throw new UsageError('a regular file as mountpoint takes exactly one image');
-  if (rootIsFile && flag(p, 'snapshots')) throw new UsageError('--snapshots needs a directory as mountpoint');
+  if (rootIsFile && (flag(p, 'snapshots') || flag(p, 'partitions'))) throw new UsageError('--snapshots and --partitions need a directory as mountpoint');
   if (!rootIsFile) {
     const names = new Map<string, string>();
     for (const img of images) {
@@ -128,6 +131,7 @@ function plan(p: Parsed): MountPlan {
     allowOther: flag(p, 'allow-other'),
     debug: flag(p, 'debug'),
     snapshots: flag(p, 'snapshots'),
+    partitions: flag(p, 'partitions'),
   };
 }
 
@@ -166,6 +170,26 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     backend: new ImageBackend(img),
     hostPath: pl.images[i],
   }));
+  if (pl.partitions) {
+    for (let i = 0; i < images.length; i++) {
+      const disk = files[i].backend;
+      const table = await readPartitionTable(async (o, l) => {
+        const b = Buffer.alloc(l);
+        await disk.read(b, o);
+        return b;
+      }, disk.size());
+      if (!table) {
+        writeErr(`qcowfs: warning: ${pl.images[i]} has no MBR or GPT partition table; no partition files\n`);
+        continue;
+      }
+      const watch = new PartitionWatch(disk, table);
+      files[i] = { ...files[i], backend: new WatchedDisk(disk, watch) };
+      for (const part of table.partitions) {
+        // Uncached, so a partition file stops serving the moment its table changes.
+        files.push({ name: `${stem(pl.images[i])}-p${part.number}.raw`, backend: new PartitionBackend(disk, watch, part), hostPath: pl.images[i], directIo: true });
+      }
+    }
+  }
   if (pl.snapshots) {
     // Each snapshot is its own read-only view of the image file.
     const active = images.length;
@@ -266,6 +290,9 @@ async function detach(p: Parsed): Promise<number> {
   if (exitCode === null) {
     child.unref();
     (pipe as unknown as { destroy(): void }).destroy();
+    // Warnings the daemon gave while starting (a corrupt image served read-only, ...).
+    const warnings = fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.startsWith('qcowfs: warning:'));
+    if (warnings.length > 0) writeErr(warnings.join('\n') + '\n');
     return 0;
   }
   // The daemon failed before the mount was usable: pass on what it said.

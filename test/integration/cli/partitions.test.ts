@@ -1,0 +1,114 @@
+import { expect } from 'chai';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { qemuImg, qemuCheck, tmpDir, run } from '../../helpers/qemu';
+
+const BIN = path.resolve(__dirname, '../../../../bin/qcowfs');
+
+function qcowfs(...args: string[]): { stdout: string; stderr: string; status: number } {
+  return run(process.execPath, [BIN, ...args], { allowFail: true });
+}
+
+function unmountQuietly(dir: string): void {
+  if (qcowfs('unmount', dir).status !== 0) run('umount', ['-l', dir], { allowFail: true });
+}
+
+describe('mount --partitions: each partition of the disk as its own file', function () {
+  let dir: string;
+  let mnt: string;
+  let fsMnt: string;
+  before(() => {
+    dir = tmpDir();
+    mnt = path.join(dir, 'mnt');
+    fsMnt = path.join(dir, 'fs');
+    fs.mkdirSync(mnt);
+    fs.mkdirSync(fsMnt);
+  });
+  afterEach(() => {
+    run('umount', [fsMnt], { allowFail: true });
+    if (fs.readFileSync('/proc/mounts', 'utf8').includes(` ${mnt} `)) unmountQuietly(mnt);
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  for (const label of ['gpt', 'dos']) {
+    it(`serves ${label} partitions that mkfs and mount use directly, and QEMU sees the result`, () => {
+      const img = path.join(dir, `${label}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', img, '256M');
+      expect(qcowfs('mount', img, mnt).status).to.equal(0);
+      const disk = path.join(mnt, `${label}.raw`);
+      // dos: a primary, an extended partition and one logical partition in it (numbered 5).
+      const layout = label === 'dos'
+        ? `label: dos\n${disk}1 : size=64M\n${disk}2 : size=64M, type=5\n${disk}5 : size=16M\n`
+        : 'label: gpt\n,64M\n,\n';
+      run('sfdisk', ['-q', disk], { input: layout });
+      expect(qcowfs('unmount', mnt).status).to.equal(0);
+
+      const r = qcowfs('mount', '--partitions', img, mnt);
+      expect(r.status, r.stderr).to.equal(0);
+      const names = fs.readdirSync(mnt).sort();
+      const expected = label === 'dos' ? [`${label}-p1.raw`, `${label}-p5.raw`, `${label}.raw`] : [`${label}-p1.raw`, `${label}-p2.raw`, `${label}.raw`];
+      expect(names).to.deep.equal(expected);
+      const p1 = path.join(mnt, `${label}-p1.raw`);
+      expect(fs.statSync(p1).size).to.equal(64 * 1024 * 1024);
+      run('mkfs.ext4', ['-q', p1]);
+      run('mount', [p1, fsMnt]);
+      fs.writeFileSync(path.join(fsMnt, 'hello.txt'), 'partition data\n');
+      run('umount', [fsMnt]);
+      // The partition's bytes are the disk's bytes at the partition's offset.
+      const whole = Buffer.alloc(4096);
+      const part = Buffer.alloc(4096);
+      const fdW = fs.openSync(path.join(mnt, `${label}.raw`), 'r');
+      const fdP = fs.openSync(p1, 'r');
+      fs.readSync(fdW, whole, 0, 4096, 1024 * 1024 + 1024);
+      fs.readSync(fdP, part, 0, 4096, 1024);
+      fs.closeSync(fdW);
+      fs.closeSync(fdP);
+      expect(part.equals(whole)).to.equal(true);
+      expect(qcowfs('unmount', mnt).status).to.equal(0);
+      const c = qemuCheck(img);
+      expect((c.corruptions ?? 0) + (c.leaks ?? 0) + c['check-errors']).to.equal(0);
+      // QEMU's view of the partition holds the file system we made.
+      const raw = path.join(dir, `${label}.raw`);
+      qemuImg('convert', '-O', 'raw', img, raw);
+      run('mount', ['-o', 'loop,ro,offset=1048576,sizelimit=67108864', raw, fsMnt]);
+      expect(fs.readFileSync(path.join(fsMnt, 'hello.txt'), 'utf8')).to.equal('partition data\n');
+      run('umount', [fsMnt]);
+      fs.rmSync(raw);
+    });
+  }
+
+  it('refuses I/O on partition files once the table changes', () => {
+    const img = path.join(dir, 'chg.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '128M');
+    expect(qcowfs('mount', img, mnt).status).to.equal(0);
+    run('sfdisk', ['-q', path.join(mnt, 'chg.raw')], { input: 'label: gpt\n,32M\n,\n' });
+    expect(qcowfs('unmount', mnt).status).to.equal(0);
+    expect(qcowfs('mount', '--partitions', img, mnt).status).to.equal(0);
+    const p2 = path.join(mnt, 'chg-p2.raw');
+    const buf = Buffer.alloc(4096);
+    const fd = fs.openSync(p2, 'r');
+    try {
+      expect(fs.readSync(fd, buf, 0, 4096, 0)).to.equal(4096);
+      run('sfdisk', ['-q', '--no-reread', path.join(mnt, 'chg.raw')], { input: 'label: gpt\n,48M\n,\n' });
+      let errno: number | undefined;
+      try {
+        fs.readSync(fd, buf, 0, 4096, 0);
+      } catch (err) {
+        errno = (err as NodeJS.ErrnoException).errno;
+      }
+      expect(errno).to.equal(-os.constants.errno.ESTALE);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('warns and serves the whole disk when there is no partition table', () => {
+    const img = path.join(dir, 'none.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '16M');
+    const r = qcowfs('mount', '--partitions', img, mnt);
+    expect(r.status).to.equal(0);
+    expect(r.stderr).to.match(/has no MBR or GPT partition table/);
+    expect(fs.readdirSync(mnt)).to.deep.equal(['none.raw']);
+  });
+});
