@@ -118,6 +118,13 @@ export function encodeCompressedDescriptor(hostOffset: number, compressedSize: n
   const first = Math.floor(hostOffset / 512);
   const last = Math.floor((hostOffset + compressedSize - 1) / 512);
   const additional = BigInt(last - first);
+  // Out-of-range values would spill into the sector field or the flag bits.
+  if (!Number.isSafeInteger(hostOffset) || hostOffset < 0 || BigInt(hostOffset) >> x !== 0n) {
+    throw new RangeError(`compressed cluster offset 0x${hostOffset.toString(16)} does not fit ${x} bits`);
+  }
+  if (compressedSize <= 0 || additional >= 1n << BigInt(clusterBits - 8)) {
+    throw new RangeError(`compressed size ${compressedSize} at offset 0x${hostOffset.toString(16)} needs more than ${2 ** (clusterBits - 8)} sectors`);
+  }
   const v = (1n << 62n) | (additional << x) | BigInt(hostOffset);
   return { hi: Number(v >> 32n) >>> 0, lo: Number(v & 0xffffffffn) >>> 0 };
 }
