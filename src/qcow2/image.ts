@@ -9,6 +9,9 @@
  * points at it, and refcount decrements wait until the tables that dropped
  * the reference are on disk (pendingFrees, applied in flushMetadata). A crash
  * can leak clusters; it cannot leave a table pointing at a free cluster.
+ * "Before" means synced: each of these dependencies is separated by a
+ * device flush, as QEMU's cache dependencies are, so the order also holds
+ * when the disk reorders writes that were not yet flushed (power loss).
  */
 import * as path from 'path';
 import { BlockDevice, hasAllocatedSize, readFull } from '../io/block-device';
@@ -297,7 +300,12 @@ export class Qcow2Image implements Layer {
       await this.writeHeader();
       await this.dev.flush();
     };
-    this.l2Cache.before = () => rc.flush();
+    // Refcount blocks reach the disk, synced, before an L2 table that may point at the clusters they count.
+    this.l2Cache.before = async () => {
+      if (!rc.cache.hasDirty()) return;
+      await rc.flush();
+      await this.dev.flush();
+    };
     return rc;
   }
 
@@ -890,6 +898,8 @@ export class Qcow2Image implements Layer {
     await this.dev.pwrite(content, newOffset);
     await this.l2Cache.install(newOffset, content, false);
     await rc.flush();
+    // The table and its refcount are durable before the L1 entry points at it.
+    await this.dev.flush();
     await this.writeL1Entry(l1Index, newOffset, true);
     if (oldOffset !== 0) this.pendingFrees.push(oldOffset / this.clusterSize);
     return newOffset;
@@ -1162,6 +1172,8 @@ export class Qcow2Image implements Layer {
     await this.refcounts.flush();
     await this.l2Cache.flush();
     if (this.pendingFrees.length > 0) {
+      // The tables that dropped these references must be durable before the refcounts drop.
+      await this.dev.flush();
       const frees = this.pendingFrees;
       this.pendingFrees = [];
       for (const c of frees) {

@@ -243,6 +243,7 @@ export class RefcountManager {
       if (!fresh.has(Math.floor(c / epb))) await this.set(c, 1);
     }
     await this.cache.flush();
+    await this.dev.flush();
     const entry = Buffer.alloc(8);
     for (const bi of bis) {
       writeU64(entry, 0, this.table[bi]);
@@ -264,6 +265,7 @@ export class RefcountManager {
     writeRefcountEntry(block, 0, this.order, 1);
     await this.dev.pwrite(block, blockOffset);
     await this.cache.install(blockOffset, block, false);
+    await this.dev.flush();
     this.table[bi] = blockOffset;
     const entry = Buffer.alloc(8);
     writeU64(entry, 0, blockOffset);
