@@ -10,8 +10,9 @@ import { resizeCommand } from './commands/resize';
 import { mountCommand } from './commands/mount';
 import { unmountCommand } from './commands/unmount';
 import { snapshotCommand } from './commands/snapshot';
+import { compactCommand } from './commands/compact';
 
-export const commands: Command[] = [mountCommand, unmountCommand, infoCommand, mapCommand, checkCommand, createCommand, resizeCommand, snapshotCommand];
+export const commands: Command[] = [mountCommand, unmountCommand, infoCommand, mapCommand, checkCommand, createCommand, resizeCommand, snapshotCommand, compactCommand];
 
 export function registerCommand(c: Command): void {
   if (!commands.some((x) => x.name === c.name)) commands.push(c);

@@ -66,3 +66,24 @@ export function processAlive(pid: number): boolean {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
+
+/** Mounts served by a live qcowfs daemon that include `image`. */
+export function mountedBy(image: string): MountRecord | null {
+  const want = fs.realpathSync(image);
+  let names: string[];
+  try {
+    names = fs.readdirSync(stateDir()).filter((n) => n.endsWith('.json'));
+  } catch {
+    return null;
+  }
+  for (const n of names) {
+    try {
+      const r = JSON.parse(fs.readFileSync(path.join(stateDir(), n), 'utf8')) as MountRecord;
+      if (processAlive(r.pid) && r.images.some((i) => fs.existsSync(i) && fs.realpathSync(i) === want)) return r;
+    } catch {
+      // a record being rewritten: ignore
+    }
+  }
+  return null;
+}
+

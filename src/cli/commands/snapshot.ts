@@ -1,10 +1,8 @@
-import * as fs from 'fs';
-import * as path from 'path';
 import { OptionSpec, Parsed, flag, value, UsageError } from '../args';
 import { Command, writeOut } from '../command';
 import { CliError } from '../exit';
 import { Qcow2Image } from '../../qcow2/image';
-import { stateDir, processAlive, MountRecord } from '../state';
+import { mountedBy } from '../state';
 
 const options: OptionSpec[] = [
   { name: 'list', short: 'l', help: 'list the snapshots' },
@@ -13,26 +11,6 @@ const options: OptionSpec[] = [
   { name: 'apply', short: 'a', value: true, meta: 'NAME', help: 'revert the disk to a snapshot (by id or name)' },
   { name: 'help', short: 'h', help: 'show this help' },
 ];
-
-/** Mounts served by a live qcowfs daemon that include `image`. */
-function mountedBy(image: string): MountRecord | null {
-  const want = fs.realpathSync(image);
-  let names: string[];
-  try {
-    names = fs.readdirSync(stateDir()).filter((n) => n.endsWith('.json'));
-  } catch {
-    return null;
-  }
-  for (const n of names) {
-    try {
-      const r = JSON.parse(fs.readFileSync(path.join(stateDir(), n), 'utf8')) as MountRecord;
-      if (processAlive(r.pid) && r.images.some((i) => fs.existsSync(i) && fs.realpathSync(i) === want)) return r;
-    } catch {
-      // a record being rewritten: ignore
-    }
-  }
-  return null;
-}
 
 async function run(p: Parsed): Promise<number> {
   const [file, ...rest] = p.positional;
