@@ -4,7 +4,7 @@
  * the next compressed cluster, so both decoders stop at their stream's end.
  */
 import * as zlib from 'zlib';
-import { decompress as zstdDecompress } from 'fzstd';
+import { Decompress as ZstdStream } from 'fzstd';
 import { QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD } from './constants';
 
 export class DecompressionError extends Error {}
@@ -22,16 +22,29 @@ export function decompressCluster(type: number, data: Buffer, clusterSize: numbe
     return out;
   }
   if (type === QCOW2_COMPRESSION_TYPE_ZSTD) {
-    const len = zstdFrameLength(data);
+    // As qcow2_zstd_decompress: the frame must produce exactly one cluster.
+    // fzstd fills a caller's buffer without saying how much it wrote, so
+    // count the blocks as they come and stop as soon as there are too many.
+    const info = zstdFrameInfo(data);
+    if (info.contentSize !== null && info.contentSize !== clusterSize) {
+      throw new DecompressionError(`zstd frame holds ${info.contentSize} bytes, expected ${clusterSize}`);
+    }
+    if (info.windowSize > ZSTD_WINDOW_SIZE_LIMIT) throw new DecompressionError(`zstd window of ${info.windowSize} bytes is too large`);
     const out = Buffer.alloc(clusterSize);
-    let got: Uint8Array;
+    let got = 0;
+    const stream = new ZstdStream((chunk) => {
+      if (got + chunk.length > clusterSize) throw new DecompressionError(`zstd stream gave more than ${clusterSize} bytes`);
+      out.set(chunk, got);
+      got += chunk.length;
+    });
     try {
-      got = zstdDecompress(data.subarray(0, len), out);
+      stream.push(data.subarray(0, info.length), true);
     } catch (err) {
+      if (err instanceof DecompressionError) throw err;
       throw new DecompressionError(`zstd stream invalid: ${(err as Error).message}`);
     }
-    if (got.length !== clusterSize) throw new DecompressionError(`zstd stream gave ${got.length} bytes, expected ${clusterSize}`);
-    return got === out ? out : Buffer.from(got.buffer, got.byteOffset, got.byteLength);
+    if (got !== clusterSize) throw new DecompressionError(`zstd stream gave ${got} bytes, expected ${clusterSize}`);
+    return out;
   }
   throw new DecompressionError(`unknown compression type ${type}`);
 }
@@ -43,18 +56,47 @@ export function compressCluster(type: number, data: Buffer): Buffer | null {
   return out.length < data.length - 512 ? out : null;
 }
 
+/** libzstd's default decompression window limit (ZSTD_WINDOWLOG_LIMIT_DEFAULT = 27). */
+export const ZSTD_WINDOW_SIZE_LIMIT = 2 ** 27;
+
+export interface ZstdFrameInfo {
+  /** Bytes the frame occupies, checksum included. */
+  length: number;
+  /** Frame_Content_Size, when the header carries it. */
+  contentSize: number | null;
+  /** Window size the decoder must provide. */
+  windowSize: number;
+}
+
 /**
- * Length of the first zstd frame in `buf` (RFC 8878 section 3.1.1): the
- * frame header, then blocks until the last one, then an optional checksum.
+ * The first zstd frame in `buf` (RFC 8878 section 3.1.1): the frame header,
+ * then blocks until the last one, then an optional checksum.
  */
-export function zstdFrameLength(buf: Buffer): number {
+export function zstdFrameInfo(buf: Buffer): ZstdFrameInfo {
   if (buf.length < 6 || buf.readUInt32LE(0) !== 0xfd2fb528) throw new DecompressionError('zstd frame magic missing');
   const fhd = buf[4];
   const fcsFlag = fhd >> 6;
   const singleSegment = (fhd >> 5) & 1;
   const checksum = (fhd >> 2) & 1;
   const dictIdFlag = fhd & 3;
-  let off = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][dictIdFlag] + [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag];
+  if (fhd & 8) throw new DecompressionError('zstd frame header reserved bit set');
+  const fcsOff = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][dictIdFlag];
+  const fcsSize = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag];
+  let off = fcsOff + fcsSize;
+  if (off > buf.length) throw new DecompressionError('zstd frame truncated');
+  let contentSize: number | null = null;
+  if (fcsSize === 1) contentSize = buf[fcsOff];
+  else if (fcsSize === 2) contentSize = buf.readUInt16LE(fcsOff) + 256;
+  else if (fcsSize === 4) contentSize = buf.readUInt32LE(fcsOff);
+  else if (fcsSize === 8) contentSize = buf.readUInt32LE(fcsOff) + buf.readUInt32LE(fcsOff + 4) * 2 ** 32;
+  let windowSize: number;
+  if (singleSegment) {
+    windowSize = contentSize!;
+  } else {
+    const wd = buf[5];
+    const base = 2 ** (10 + (wd >> 3));
+    windowSize = base + (base / 8) * (wd & 7);
+  }
   for (;;) {
     if (off + 3 > buf.length) throw new DecompressionError('zstd frame truncated');
     const bh = buf[off] | (buf[off + 1] << 8) | (buf[off + 2] << 16);
@@ -67,5 +109,10 @@ export function zstdFrameLength(buf: Buffer): number {
   }
   if (checksum) off += 4;
   if (off > buf.length) throw new DecompressionError('zstd frame truncated');
-  return off;
+  return { length: off, contentSize, windowSize };
+}
+
+/** Length of the first zstd frame in `buf`. */
+export function zstdFrameLength(buf: Buffer): number {
+  return zstdFrameInfo(buf).length;
 }
