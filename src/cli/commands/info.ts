@@ -3,7 +3,7 @@ import { Layer } from '../../qcow2/layer';
 import { featureName } from '../../qcow2/header';
 import { QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY } from '../../qcow2/constants';
 import { OptionSpec, Parsed, flag } from '../args';
-import { humanSize } from '../format';
+import { humanSize, snapshotTable } from '../format';
 import { Command, openForInspection, writeOut } from '../command';
 
 const options: OptionSpec[] = [
@@ -93,20 +93,9 @@ function text(info: Record<string, unknown>, img: Qcow2Image): string {
     const chain = chainOf(img).slice(1);
     if (chain.length > 1) lines.push(`backing chain: ${chain.map((l) => `${l.filename} (${l.format})`).join(' -> ')}`);
   }
-  if (img.snapshots.length > 0) {
-    lines.push('Snapshot list:');
-    lines.push('ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT');
-    for (const s of img.snapshots) {
-      const d = new Date(s.dateSec * 1000);
-      const p = (n: number, w = 2) => String(n).padStart(w, '0');
-      const date = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
-      const secs = Math.floor(s.vmClockNsec / 1e9);
-      const clock = `${p(Math.floor(secs / 3600))}:${p(Math.floor(secs / 60) % 60)}:${p(secs % 60)}.${p(Math.floor((s.vmClockNsec % 1e9) / 1e6), 3)}`;
-      lines.push(`${s.id.padEnd(10)}${s.name.padEnd(18)}${humanSize(s.vmStateSize).padStart(7)} ${date} ${clock} ${String(s.icount ?? '').padStart(10)}`);
-    }
-  }
+  if (img.snapshots.length > 0) lines.push(...snapshotTable(img.snapshots));
   lines.push('Format specific information:');
-  for (const [k, v] of Object.entries(fsd)) lines.push(`    ${k.replace(/-/g, ' ').replace('extended l2', 'extended l2')}: ${String(v)}`);
+  for (const [k, v] of Object.entries(fsd)) lines.push(`    ${k.replace(/-/g, ' ')}: ${String(v)}`);
   const q = info['qcowfs'] as { features: Record<string, string[]> };
   const feats = [...q.features.incompatible, ...q.features.compatible, ...q.features.autoclear];
   if (feats.length > 0) lines.push(`    features: ${feats.join(', ')}`);

@@ -3,6 +3,7 @@ import { Command, writeOut } from '../command';
 import { CliError } from '../exit';
 import { Qcow2Image } from '../../qcow2/image';
 import { mountedBy } from '../state';
+import { snapshotTable } from '../format';
 
 const options: OptionSpec[] = [
   { name: 'list', short: 'l', help: 'list the snapshots' },
@@ -25,20 +26,9 @@ async function run(p: Parsed): Promise<number> {
   const img = await Qcow2Image.openFile(file, { readOnly: action === 'list', openBacking: false });
   try {
     switch (action) {
-      case 'list': {
-        if (img.snapshots.length === 0) break;
-        let out = 'Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n';
-        for (const s of img.snapshots) {
-          const d = new Date(s.dateSec * 1000);
-          const pad = (n: number, w = 2) => String(n).padStart(w, '0');
-          const date = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
-          const secs = Math.floor(s.vmClockNsec / 1e9);
-          const clock = `${pad(Math.floor(secs / 3600))}:${pad(Math.floor(secs / 60) % 60)}:${pad(secs % 60)}.${pad(Math.floor((s.vmClockNsec % 1e9) / 1e6), 3)}`;
-          out += `${s.id.padEnd(10)}${s.name.padEnd(18)}${`${s.vmStateSize} B`.padStart(7)} ${date} ${clock} ${String(s.icount ?? '').padStart(10)}\n`;
-        }
-        writeOut(out);
+      case 'list':
+        if (img.snapshots.length > 0) writeOut(snapshotTable(img.snapshots).join('\n') + '\n');
         break;
-      }
       case 'create': await img.createSnapshot(value(p, 'create')!); break;
       case 'delete': await img.deleteSnapshot(value(p, 'delete')!); break;
       case 'apply': await img.applySnapshot(value(p, 'apply')!); break;
