@@ -15,6 +15,7 @@ import { readU64, writeU64 } from './uint64';
 import { alignDown } from './layout';
 import { readFull } from '../io/block-device';
 import { snapshotTableSize } from './snapshot';
+import { QCOW_MAX_L1_SIZE_BYTES } from './constants';
 
 export interface CheckProblem {
   severity: 'leak' | 'corruption' | 'error';
@@ -68,15 +69,23 @@ interface Walk {
   fragmented: number;
 }
 
-function addRange(w: Walk, img: Qcow2Image, offset: number, bytes: number, what: string): void {
+/**
+ * Count one reference to every cluster of [offset, offset+bytes). As QEMU's
+ * qcow2_inc_refcounts_imrt, a range that ends a cluster or more past the end
+ * of the file is a corruption and is not counted: its offset comes from the
+ * image, and counting it would size the reference table by it.
+ */
+function addRange(w: Walk, img: Qcow2Image, offset: number, bytes: number, what: string): boolean {
   const cs = img.clusterSize;
   const fileEnd = img.dev.size();
-  if (offset >= fileEnd) {
-    w.problems.push({ severity: 'corruption', message: `ERROR ${what} at offset 0x${offset.toString(16)} lies past the end of the image file` });
+  if (offset + bytes - fileEnd >= cs) {
+    w.problems.push({ severity: 'corruption', message: `ERROR ${what} at offset 0x${offset.toString(16)} (0x${bytes.toString(16)} bytes) exceeds the end of the image file by one cluster or more` });
+    return false;
   }
   const first = Math.floor(offset / cs);
   const last = Math.floor((offset + Math.max(bytes, 1) - 1) / cs);
   for (let c = first; c <= last; c++) w.refs.add(c);
+  return true;
 }
 
 /** Count every reference the metadata makes (QEMU's calculate_refcounts), except the refcount structures' own. */
@@ -92,7 +101,11 @@ async function calculateReferences(img: Qcow2Image, includeRefcountStructures: b
       w.problems.push({ severity: 'corruption', message: `ERROR snapshot '${s.name}' L1 table offset 0x${s.l1TableOffset.toString(16)} not cluster aligned` });
       continue;
     }
-    addRange(w, img, s.l1TableOffset, s.l1Size * 8, `snapshot '${s.name}' L1 table`);
+    if (s.l1Size * 8 > QCOW_MAX_L1_SIZE_BYTES) {
+      w.problems.push({ severity: 'corruption', message: `ERROR snapshot '${s.name}' l1_size=${s.l1Size}: L1 table is too large; snapshot table entry corrupted` });
+      continue;
+    }
+    if (!addRange(w, img, s.l1TableOffset, s.l1Size * 8, `snapshot '${s.name}' L1 table`)) continue;
     await walkL1(img, w, s.l1TableOffset, s.l1Size, false);
   }
   if (h.nbSnapshots > 0) addRange(w, img, h.snapshotsOffset, snapshotTableSize(img.snapshots), 'snapshot table');
