@@ -144,12 +144,14 @@ async function openImages(pl: MountPlan): Promise<Qcow2Image[]> {
       try {
         img = await Qcow2Image.openFile(file, opts);
       } catch (err) {
-        if (err instanceof CorruptImageError && err.hostOffset === 72 && !pl.readOnly) {
-          // The image carries QEMU's corrupt bit: serve it, read-only, and say so.
+        if (!(err instanceof CorruptImageError) || pl.readOnly) throw err;
+        // Corruption in what only writing uses (QEMU's corrupt bit, the refcount
+        // structure): the data is still readable, so serve it read-only and say why.
+        img = await Qcow2Image.openFile(file, { ...opts, readOnly: true, allowCorrupt: true }).catch(() => { throw err; });
+        if (err.structure === 'header' && err.hostOffset === 72) {
           writeErr(`qcowfs: warning: ${file} is marked corrupt; serving it read-only (repair with \`qcowfs check --repair\`)\n`);
-          img = await Qcow2Image.openFile(file, { ...opts, readOnly: true, allowCorrupt: true });
         } else {
-          throw err;
+          writeErr(`qcowfs: warning: ${file}: ${err.message}; serving it read-only\n`);
         }
       }
       out.push(img);
