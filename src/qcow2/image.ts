@@ -700,6 +700,7 @@ export class Qcow2Image implements Layer {
         runs.push(run);
         done += run.length;
       }
+      for (const run of runs) this.checkDataOverlap(run.hostOffset, run.length);
       done = 0;
       for (const run of runs) {
         await this.dataDev.pwrite(data.subarray(done, done + run.length), run.hostOffset);
@@ -771,6 +772,7 @@ export class Qcow2Image implements Layer {
     }
     if (count === 0) return 0;
     const host = await this.refcounts!.allocate(count);
+    this.checkDataOverlap(host, count * cs);
     await this.dataDev.pwrite(data.subarray(0, count * cs), host);
     table = await this.l2Cache.get(l2Offset);
     for (let i = 0; i < count; i++) {
@@ -845,6 +847,7 @@ export class Qcow2Image implements Layer {
     } else {
       host = await this.refcounts!.allocate(1);
     }
+    this.checkDataOverlap(host + bufBase, buf.length);
     await this.dataDev.pwrite(buf, host + bufBase);
     // New entry.
     const entry: L2Entry = { ...encodeOffsetEntry(host, true), bitmapHi: 0, bitmapLo: 0 };
@@ -861,6 +864,34 @@ export class Qcow2Image implements Layer {
     writeL2Entry(t2, l2Index, entry, this.extendedL2);
     this.l2Cache.markDirty(l2Offset);
     if (!ownHost) this.releaseOld(old, compressed, hasOldHost, oldHost);
+  }
+
+  /**
+   * QEMU's metadata overlap check (qcow2_check_metadata_overlap, "cached"
+   * mode) before guest data reaches the image file: a data cluster that is
+   * also the header, the active L1 table, the refcount table or a block, the
+   * snapshot table, a snapshot's L1 table or a cached L2 table means the
+   * metadata is corrupt, and writing would destroy it.
+   */
+  private checkDataOverlap(hostOffset: number, length: number): void {
+    if (this.dataDev !== this.dev || length <= 0) return;
+    const cs = this.clusterSize;
+    const end = hostOffset + length;
+    const check = (what: string, start: number, bytes: number): void => {
+      if (bytes > 0 && hostOffset < start + bytes && start < end) {
+        throw new CorruptImageError('data cluster', hostOffset, `guest data would overwrite the ${what} at host offset 0x${start.toString(16)}`);
+      }
+    };
+    check('header', 0, cs);
+    check('active L1 table', this.l1Offset, this.l1Size * 8);
+    const rc = this.refcounts;
+    if (rc) {
+      check('refcount table', rc.tableOffset, rc.tableClusters * cs);
+      for (const block of rc.table) if (block !== 0) check('refcount block', block, cs);
+    }
+    if (this.header.nbSnapshots > 0) check('snapshot table', this.header.snapshotsOffset, snapshotTableSize(this.snapshots));
+    for (const snap of this.snapshots) check(`L1 table of snapshot '${snap.name}'`, snap.l1TableOffset, snap.l1Size * 8);
+    for (let c = Math.floor(hostOffset / cs) * cs; c < end; c += cs) if (this.l2Cache.peek(c)) check('L2 table', c, cs);
   }
 
   /** Queue the refcount decrement of what an overwritten entry referenced. */

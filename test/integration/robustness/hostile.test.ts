@@ -390,3 +390,65 @@ describe('fuzzing the engine with mutated metadata: typed errors only, no hang, 
     expect(seen.get('write: ok') ?? 0, JSON.stringify([...seen])).to.be.greaterThan(20);
   });
 });
+
+// ---------------------------------------------------------------- corruption found by a write
+
+describe('a write through the mount onto metadata: EIO, the image is marked corrupt, reads go on', function () {
+  this.timeout(120000);
+  let root: string;
+  let bases: Bases;
+  let mnt: string;
+
+  before(() => {
+    root = tmpDir('qcowfs-overlap-');
+    bases = makeBases(root);
+    mnt = path.join(root, 'mnt');
+    fs.mkdirSync(mnt);
+  });
+  afterEach(() => {
+    if (isMounted(mnt) && qcowfs('unmount', mnt).status !== 0) run('umount', ['-l', mnt], { allowFail: true });
+  });
+  after(() => fs.rmSync(root, { recursive: true, force: true }));
+
+  /** The data cluster of guest offset 0 is made to be this metadata cluster (OFLAG_COPIED, so it is written in place). */
+  const targets: Array<[string, (l: ReturnType<typeof layoutOf>) => number]> = [
+    ['the active L1 table', (l) => l.l1],
+    ['the L2 table mapping it', (l) => l.l2],
+    ['the refcount table', (l) => l.refcountTable],
+    ['a refcount block', (l) => l.refcountBlock],
+    ['the snapshot table', (l) => l.snapshots],
+    ["the snapshot's L1 table", (l) => l.snapshotL1],
+  ];
+  for (const [what, where] of targets) {
+    it(`guest data mapped onto ${what}`, () => {
+      const img = path.join(root, `onto-${where.name}-${what.replace(/\W+/g, '-')}.qcow2`);
+      const original = fs.readFileSync(bases.rich);
+      const l = layoutOf(original);
+      const patchedBuf = Buffer.from(original);
+      patchedBuf.writeBigUInt64BE((1n << 63n) | BigInt(where(l)), l.l2Data);
+      fs.writeFileSync(img, patchedBuf);
+
+      expectOk('mount', qcowfs('mount', img, mnt));
+      const raw = path.join(mnt, path.basename(img).replace(/\.qcow2$/, '.raw'));
+      const w = limited('dd', ['if=/dev/zero', `of=${raw}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync']);
+      expect(w.timedOut).to.equal(false);
+      expect(w.status, describeRun('dd write', w)).to.not.equal(0);
+      expect(w.stderr, describeRun('dd write', w)).to.match(/Input\/output error/);
+      // Every later write is refused; reads are still served.
+      const w2 = limited('dd', ['if=/dev/zero', `of=${raw}`, 'bs=4096', 'count=1', 'seek=1280', 'conv=notrunc,fsync']);
+      expect(w2.status, describeRun('second dd write', w2)).to.not.equal(0);
+      const r = limited('dd', [`if=${raw}`, 'of=/dev/null', 'bs=1M']);
+      expect(r.status, describeRun('dd read', r)).to.equal(0);
+      expectOk('unmount', qcowfs('unmount', mnt));
+
+      // Nothing changed but QEMU's corrupt bit (incompatible feature bit 1).
+      const after = fs.readFileSync(img);
+      const expected = Buffer.from(patchedBuf);
+      expected.writeUInt32BE(expected.readUInt32BE(H.incompatible + 4) | 2, H.incompatible + 4);
+      expect(after.equals(expected), 'only the corrupt bit may change').to.equal(true);
+      const info = qcowfs('info', '--json', img);
+      expectOk('info', info);
+      expect(JSON.parse(info.stdout)['format-specific'].data.corrupt).to.equal(true);
+    });
+  }
+});
