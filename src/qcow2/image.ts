@@ -1333,11 +1333,10 @@ export class Qcow2Image implements Layer {
       const snap = this.findSnapshot(idOrName);
       if (!snap) throw new InvalidRequestError(`no snapshot '${idOrName}' in ${this.filename}`);
       await this.flushMetadata();
+      const l1 = await this.readSnapshotL1(snap);
       const rest = this.snapshots.filter((s) => s !== snap);
       await this.writeSnapshotTable(rest);
       this.snapshots.splice(0, this.snapshots.length, ...rest);
-      const l1 = Buffer.alloc(snap.l1Size * 8);
-      await readFull(this.dev, l1, snap.l1TableOffset);
       await this.adjustTreeRefcounts(l1, -1);
       const l1Clusters = Math.max(1, Math.ceil((snap.l1Size * 8) / this.clusterSize));
       for (let c = 0; c < l1Clusters; c++) await this.refcounts!.adjust(snap.l1TableOffset / this.clusterSize + c, -1);
@@ -1354,8 +1353,7 @@ export class Qcow2Image implements Layer {
       const snap = this.findSnapshot(idOrName);
       if (!snap) throw new InvalidRequestError(`no snapshot '${idOrName}' in ${this.filename}`);
       await this.flushMetadata();
-      const snapL1 = Buffer.alloc(snap.l1Size * 8);
-      await readFull(this.dev, snapL1, snap.l1TableOffset);
+      const snapL1 = await this.readSnapshotL1(snap);
       // References for the snapshot's tree first, so nothing it reaches is freed below.
       await this.checkRefcountRoom(snapL1);
       await this.adjustTreeRefcounts(snapL1, +1);
@@ -1377,6 +1375,17 @@ export class Qcow2Image implements Layer {
       await this.flushMetadata();
       await this.dev.flush();
     });
+  }
+
+  /** A snapshot's L1 table, read only after its size and place are validated (they size the buffer). */
+  private async readSnapshotL1(snap: Snapshot): Promise<Buffer> {
+    if (snap.l1Size * 8 > QCOW_MAX_L1_SIZE_BYTES) {
+      throw new CorruptImageError('snapshot table', this.header.snapshotsOffset, `snapshot '${snap.name}' L1 table of ${snap.l1Size} entries is too large`);
+    }
+    this.checkTableLocation(`snapshot '${snap.name}' L1 table`, snap.l1TableOffset, snap.l1Size * 8, this.dev.size(), -1);
+    const l1 = Buffer.alloc(snap.l1Size * 8);
+    await readFull(this.dev, l1, snap.l1TableOffset);
+    return l1;
   }
 
   /**

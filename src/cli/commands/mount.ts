@@ -198,7 +198,15 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     for (let i = 0; i < active; i++) {
       for (const snap of images[i].snapshots) {
         // The active view already holds this file's locks for this process.
-        const view = await Qcow2Image.openFile(pl.images[i], { snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes, lock: false });
+        let view: Qcow2Image;
+        try {
+          view = await Qcow2Image.openFile(pl.images[i], { snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes, lock: false });
+        } catch (err) {
+          // One broken snapshot does not take the image and the other snapshots down with it.
+          if (!(err instanceof CorruptImageError)) throw err;
+          writeErr(`qcowfs: warning: ${pl.images[i]}: snapshot '${snap.name}' is not served: ${err.message}\n`);
+          continue;
+        }
         images.push(view);
         files.push({ name: snapshotFileName(pl.images[i], snap.name), backend: new ImageBackend(view), hostPath: pl.images[i] });
       }

@@ -452,3 +452,55 @@ describe('a write through the mount onto metadata: EIO, the image is marked corr
     });
   }
 });
+
+// ---------------------------------------------------------------- broken internal snapshots
+
+describe('a broken internal snapshot: refused by snapshot commands, skipped by mount --snapshots', function () {
+  this.timeout(120000);
+  let root: string;
+  let bases: Bases;
+  let mnt: string;
+
+  before(() => {
+    root = tmpDir('qcowfs-badsnap-');
+    bases = makeBases(root);
+    mnt = path.join(root, 'mnt');
+    fs.mkdirSync(mnt);
+  });
+  afterEach(() => {
+    if (isMounted(mnt) && qcowfs('unmount', mnt).status !== 0) run('umount', ['-l', mnt], { allowFail: true });
+  });
+  after(() => fs.rmSync(root, { recursive: true, force: true }));
+
+  const broken: Array<[string, (buf: Buffer, l: ReturnType<typeof layoutOf>) => void, RegExp]> = [
+    ['L1 table of 2^31 entries', (buf, l) => buf.writeUInt32BE(0x80000000, l.snapshots + 8), /snapshot 's1' L1 table of 2147483648 entries is too large/],
+    ['L1 table past the end of the file', (buf, l) => buf.writeBigUInt64BE(1n << 40n, l.snapshots), /snapshot 's1' L1 table.*runs past the end of the file/],
+  ];
+  broken.forEach(([what, patch, message], i) => {
+    it(`snapshot ${what}`, () => {
+      const img = path.join(root, `bad-${i}.qcow2`);
+      const buf = fs.readFileSync(bases.rich);
+      patch(buf, layoutOf(buf));
+      fs.writeFileSync(img, buf);
+
+      for (const op of ['-d', '-a']) {
+        const r = qcowfs('snapshot', op, 's1', img);
+        expectRefused(`snapshot ${op}`, r, op === '-d' ? message : /corrupt/);
+        // The refusal happens before anything moves; at most the corrupt bit is set.
+        const now = fs.readFileSync(img);
+        now.writeUInt32BE(now.readUInt32BE(H.incompatible + 4) & ~2, H.incompatible + 4);
+        expect(now.equals(buf), `snapshot ${op} changed the image`).to.equal(true);
+      }
+
+      fs.writeFileSync(img, buf);
+      const m = qcowfs('mount', '--snapshots', '--read-only', img, mnt);
+      expectOk('mount --snapshots', m);
+      expect(m.stderr).to.match(/warning: .*snapshot 's1' is not served/);
+      expect(fs.readdirSync(mnt)).to.deep.equal([`bad-${i}.raw`]);
+      const r = limited('dd', [`if=${path.join(mnt, `bad-${i}.raw`)}`, 'of=/dev/null', 'bs=1M']);
+      expect(r.status, describeRun('dd', r)).to.equal(0);
+      expectOk('unmount', qcowfs('unmount', mnt));
+      expect(fs.readFileSync(img).equals(buf)).to.equal(true);
+    });
+  });
+});
