@@ -885,13 +885,24 @@ export class Qcow2Image implements Layer {
     check('header', 0, cs);
     check('active L1 table', this.l1Offset, this.l1Size * 8);
     const rc = this.refcounts;
-    if (rc) {
-      check('refcount table', rc.tableOffset, rc.tableClusters * cs);
-      for (const block of rc.table) if (block !== 0) check('refcount block', block, cs);
-    }
-    if (this.header.nbSnapshots > 0) check('snapshot table', this.header.snapshotsOffset, snapshotTableSize(this.snapshots));
+    if (rc) check('refcount table', rc.tableOffset, rc.tableClusters * cs);
+    if (this.header.nbSnapshots > 0) check('snapshot table', this.header.snapshotsOffset, this.snapshotTableBytes());
     for (const snap of this.snapshots) check(`L1 table of snapshot '${snap.name}'`, snap.l1TableOffset, snap.l1Size * 8);
-    for (let c = Math.floor(hostOffset / cs) * cs; c < end; c += cs) if (this.l2Cache.peek(c)) check('L2 table', c, cs);
+    // Per cluster written (a write spans few): refcount blocks and cached L2 tables.
+    for (let c = Math.floor(hostOffset / cs) * cs; c < end; c += cs) {
+      if (rc && rc.isBlockAt(c)) check('refcount block', c, cs);
+      if (this.l2Cache.peek(c)) check('L2 table', c, cs);
+    }
+  }
+
+  private snapshotTableCache: { snaps: number; bytes: number } | null = null;
+
+  /** Size of the snapshot table, remembered until the snapshots change. */
+  private snapshotTableBytes(): number {
+    if (!this.snapshotTableCache || this.snapshotTableCache.snaps !== this.snapshots.length) {
+      this.snapshotTableCache = { snaps: this.snapshots.length, bytes: snapshotTableSize(this.snapshots) };
+    }
+    return this.snapshotTableCache.bytes;
   }
 
   /** Queue the refcount decrement of what an overwritten entry referenced. */

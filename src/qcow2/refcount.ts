@@ -65,6 +65,8 @@ export class RefcountManager {
   tableOffset: number;
   tableClusters: number;
   readonly cache: TableCache;
+  /** Host offsets of the refcount blocks, rebuilt when the table changes. */
+  private blockSet: Set<number> | null = null;
   /** Lowest cluster index that may be free. */
   private freeHint = 0;
   /** Rewrites the header's refcount table fields (set by the image). */
@@ -104,6 +106,12 @@ export class RefcountManager {
       if (v + this.clusterSize > fileSize) throw new CorruptImageError('refcount table', where, `refcount block at 0x${v.toString(16)} lies past the end of the file`);
       this.table[i] = v;
     }
+  }
+
+  /** Whether a refcount block lives at host offset `offset` (cluster aligned). */
+  isBlockAt(offset: number): boolean {
+    if (!this.blockSet) this.blockSet = new Set(this.table.filter((b) => b !== 0));
+    return this.blockSet.has(offset);
   }
 
   /** Number of clusters the current table can describe. */
@@ -237,6 +245,7 @@ export class RefcountManager {
       await this.dev.pwrite(block, offset);
       await this.cache.install(offset, block, false);
       this.table[bis[k]] = offset;
+      this.blockSet = null;
     }
     for (let k = 0; k < bis.length; k++) {
       const c = at + k;
@@ -267,6 +276,7 @@ export class RefcountManager {
     await this.cache.install(blockOffset, block, false);
     await this.dev.flush();
     this.table[bi] = blockOffset;
+    this.blockSet = null;
     const entry = Buffer.alloc(8);
     writeU64(entry, 0, blockOffset);
     await this.dev.pwrite(entry, this.tableOffset + bi * 8);
@@ -329,6 +339,7 @@ export class RefcountManager {
     const oldOffset = this.tableOffset;
     const oldClusters = this.tableClusters;
     this.table = newTable;
+    this.blockSet = null;
     this.tableOffset = startCluster * cs;
     this.tableClusters = tableClusters;
     await this.onTableMoved(this.tableOffset, this.tableClusters);
