@@ -520,7 +520,17 @@ export class Qcow2Image implements Layer {
   async read(buf: Buffer, offset: number): Promise<void> {
     this.checkOpen();
     this.checkRange(offset, buf.length);
-    await this.lock.shared(() => this.readGuest(buf, offset));
+    try {
+      await this.lock.shared(() => this.readGuest(buf, offset));
+    } catch (err) {
+      // Corruption met while reading stops all writing in this process, and reads go on. Unlike
+      // QEMU, a read never writes the corrupt bit: serving a stranger's image must not change it.
+      if (err instanceof CorruptImageError && this.readOnlyReason === null) {
+        this.corruption = err;
+        this.readOnlyReason = `image found corrupt: ${err.message}`;
+      }
+      throw err;
+    }
   }
 
   private async readGuest(buf: Buffer, offset: number): Promise<void> {
