@@ -51,6 +51,8 @@ export const QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0;
 export const QCOW2_AUTOCLEAR_BITMAPS = 1 << 0;
 export const QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1;
 export const QCOW2_AUTOCLEAR_MASK = QCOW2_AUTOCLEAR_BITMAPS | QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+/** The autoclear bits a writer of ours keeps: it maintains no bitmaps, only guest == host for raw data files. */
+export const QCOW2_AUTOCLEAR_MAINTAINED = QCOW2_AUTOCLEAR_DATA_FILE_RAW;
 
 /** compression_type (header byte 104). */
 export const QCOW2_COMPRESSION_TYPE_ZLIB = 0;

@@ -19,7 +19,7 @@ import { FileDevice } from '../io/file-device';
 import { LockConflictError } from '../io/image-lock';
 import {
   QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY, QCOW2_INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK,
-  QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_AUTOCLEAR_MASK, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW_CRYPT_NONE,
+  QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_AUTOCLEAR_MAINTAINED, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW_CRYPT_NONE,
   QCOW_MAX_L1_SIZE_BYTES, QCOW_MAX_REFTABLE_SIZE_BYTES, QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER,
   QCOW_OFLAG_ZERO_LO, L1E_RESERVED_HI, L1E_RESERVED_LO, QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD,
   QCOW_MAX_VIRTUAL_SIZE, QCOW_MAX_SNAPSHOTS_SIZE,
@@ -270,11 +270,13 @@ export class Qcow2Image implements Layer {
         await this.writeHeader();
         await this.dev.flush();
       }
-      if (h.autoclearFeatures & ~QCOW2_AUTOCLEAR_MASK) {
-        // Clear autoclear bits we do not maintain so their users know the data is stale.
-        this.header.autoclearFeatures &= QCOW2_AUTOCLEAR_MASK;
+      if ((h.autoclearFeatures & ~QCOW2_AUTOCLEAR_MAINTAINED) !== 0 || h.autoclearFeaturesHi !== 0) {
+        // Clear the autoclear bits we do not maintain (persistent bitmaps among them), as QEMU
+        // does when it opens an image read-write, so their users know that data is stale.
+        this.header.autoclearFeatures &= QCOW2_AUTOCLEAR_MAINTAINED;
         this.header.autoclearFeaturesHi = 0;
         await this.writeHeader();
+        await this.dev.flush();
       }
     }
   }
