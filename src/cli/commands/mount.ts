@@ -15,7 +15,7 @@ import { FuseMount, MountOptions } from '../../fuse/filesystem';
 import { mountKernel, canMountKernel } from '../../fuse/mount';
 import { ensureThreadpool } from '../../fuse/session';
 import { FuseFilesystem } from '../../fuse/filesystem';
-import { writeRecord, removeRecord, logPath, ensureStateDir } from '../state';
+import { writeRecord, removeRecord, logPath, ensureStateDir, readRecord, processAlive } from '../state';
 
 const options: OptionSpec[] = [
   { name: 'read-only', short: 'r', help: 'serve the images read-only' },
@@ -101,6 +101,8 @@ function plan(p: Parsed): MountPlan {
     if (code === 'ENOTCONN') throw new CliError(`${mountpoint}: a dead mount is still there; run \`qcowfs unmount ${mountpoint}\` first`);
     throw new CliError(`mountpoint ${mountpoint} does not exist`);
   }
+  const rec = readRecord(mountpoint);
+  if (rec && processAlive(rec.pid)) throw new CliError(`${mountpoint} is already a qcowfs mount (daemon pid ${rec.pid}); unmount it first`);
   const rootIsFile = st.isFile();
   if (!rootIsFile && !st.isDirectory()) throw new CliError(`mountpoint ${mountpoint} is neither a directory nor a regular file`);
   if (rootIsFile && images.length !== 1) throw new UsageError('a regular file as mountpoint takes exactly one image');
