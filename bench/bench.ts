@@ -1,0 +1,321 @@
+/**
+ * The benchmark: qcowfs against qemu-storage-daemon's FUSE export of the same
+ * image, and a plain raw file as the upper bound, measured in one run on one
+ * machine. Every figure is the median of several runs; compare the ratios,
+ * not the absolute numbers, on a shared machine.
+ *
+ *   npm run bench [-- --quick] [-- --runs N] [-- --size-gib N] [-- --out FILE]
+ *
+ * Needs root (drop_caches, losetup, mounts), qemu-img, qemu-io,
+ * qemu-storage-daemon and fio (scripts/install-deps.sh installs them).
+ */
+import { spawn, spawnSync, ChildProcess } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+const ROOT = path.resolve(__dirname, '../..');
+const BIN = path.join(ROOT, 'bin/qcowfs');
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+interface Args { quick: boolean; runs: number; sizeGiB: number; out: string; seconds: number }
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = { quick: false, runs: 3, sizeGiB: 4, out: path.join(ROOT, 'bench/RESULTS.md'), seconds: 8 };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    if (k === '--quick') { a.quick = true; a.runs = 1; a.sizeGiB = 0.25; a.seconds = 2; }
+    else if (k === '--runs') a.runs = Number(argv[++i]);
+    else if (k === '--size-gib') a.sizeGiB = Number(argv[++i]);
+    else if (k === '--seconds') a.seconds = Number(argv[++i]);
+    else if (k === '--out') a.out = path.resolve(argv[++i]);
+    else throw new Error(`unknown option ${k}`);
+  }
+  return a;
+}
+
+function sh(cmd: string, args: string[], opts: { input?: string; allowFail?: boolean } = {}): string {
+  const r = spawnSync(cmd, args, { input: opts.input, encoding: 'utf8', maxBuffer: 64 * MiB });
+  if (r.status !== 0 && !opts.allowFail) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.error?.message}`);
+  return r.stdout;
+}
+
+function dropCaches(): void {
+  spawnSync('sync');
+  fs.writeFileSync('/proc/sys/vm/drop_caches', '3\n');
+}
+
+function seconds(fn: () => void): number {
+  const t = process.hrtime.bigint();
+  fn();
+  return Number(process.hrtime.bigint() - t) / 1e9;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+function sleep(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+function isMounted(p: string): boolean {
+  return fs.readFileSync('/proc/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === p);
+}
+
+/** A served view of an image: the file to use and how to stop it. */
+interface Served { file: string; pid: number; stop(): void }
+
+function serveQcowfs(image: string, dir: string): Served {
+  const mnt = fs.mkdtempSync(path.join(dir, 'qcowfs-mnt-'));
+  sh(process.execPath, [BIN, 'mount', image, mnt]);
+  const rec = JSON.parse(sh(process.execPath, ['-e', `const s=require(${JSON.stringify(path.join(ROOT, 'dist/src/cli/state.js'))});process.stdout.write(JSON.stringify(s.readRecord(${JSON.stringify(mnt)})))`])) as { pid: number };
+  const base = path.basename(image).replace(/\.[^.]*$/, '');
+  return {
+    file: path.join(mnt, `${base}.raw`),
+    pid: rec.pid,
+    stop: () => {
+      sh(process.execPath, [BIN, 'unmount', mnt], { allowFail: true });
+      if (isMounted(mnt)) sh('umount', ['-l', mnt], { allowFail: true });
+      fs.rmSync(mnt, { recursive: true, force: true });
+    },
+  };
+}
+
+function serveQemu(image: string, dir: string): Served {
+  const file = path.join(fs.mkdtempSync(path.join(dir, 'qsd-mnt-')), 'disk.raw');
+  fs.writeFileSync(file, '');
+  const child: ChildProcess = spawn('qemu-storage-daemon', [
+    '--blockdev', `driver=file,node-name=file0,filename=${image},cache.direct=off`,
+    '--blockdev', 'driver=qcow2,node-name=fmt0,file=file0',
+    '--export', `type=fuse,id=exp0,node-name=fmt0,mountpoint=${file},writable=on,growable=off`,
+  ], { stdio: ['ignore', 'ignore', 'inherit'] });
+  for (let i = 0; i < 200 && !isMounted(file); i++) sleep(50);
+  if (!isMounted(file)) throw new Error('qemu-storage-daemon did not mount its export');
+  return {
+    file,
+    pid: child.pid!,
+    stop: () => {
+      child.kill('SIGTERM');
+      for (let i = 0; i < 200 && isMounted(file); i++) sleep(50);
+      if (isMounted(file)) sh('umount', ['-l', file], { allowFail: true });
+      fs.rmSync(path.dirname(file), { recursive: true, force: true });
+    },
+  };
+}
+
+function serveRaw(rawFile: string): Served {
+  return { file: rawFile, pid: 0, stop: () => {} };
+}
+
+function peakRssMiB(pid: number): number {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : NaN;
+  } catch {
+    return NaN;
+  }
+}
+
+function fio(file: string, opts: string[]): { iops: number; bw: number } {
+  const out = sh('fio', ['--output-format=json', `--filename=${file}`, '--name=job', ...opts]);
+  const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: { iops: number; bw_bytes: number }; write: { iops: number; bw_bytes: number } }> };
+  const job = j.jobs[0];
+  return { iops: job.read.iops + job.write.iops, bw: job.read.bw_bytes + job.write.bw_bytes };
+}
+
+interface Row { name: string; unit: string; qcowfs: number; qemu: number; raw?: number; higherIsBetter: boolean }
+
+function main(): void {
+  const a = parseArgs(process.argv.slice(2));
+  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (drop_caches, losetup, mounts)');
+  const work = fs.mkdtempSync(path.join('/var/tmp', 'qcowfs-bench-'));
+  const rows: Row[] = [];
+  const log = (s: string) => process.stderr.write(`${s}\n`);
+  const size = Math.round(a.sizeGiB * GiB / MiB) * MiB;
+  const running: Served[] = [];
+  const serve = (kind: 'qcowfs' | 'qemu', image: string): Served => {
+    const s = kind === 'qcowfs' ? serveQcowfs(image, work) : serveQemu(image, work);
+    running.push(s);
+    return s;
+  };
+  const stop = (s: Served) => { s.stop(); running.splice(running.indexOf(s), 1); };
+  try {
+    // Images: a fully allocated one, its raw twin, and a compressed one.
+    log(`images in ${work} (${size / MiB} MiB)`);
+    const full = path.join(work, 'full.qcow2');
+    const raw = path.join(work, 'full.raw');
+    sh('fio', ['--name=fill', `--filename=${raw}`, `--size=${size}`, '--rw=write', '--bs=1M', '--refill_buffers=1', '--buffer_compress_percentage=50', '--output=/dev/null']);
+    sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, full]);
+    const compressed = path.join(work, 'compressed.qcow2');
+    sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
+
+    const measure = (name: string, unit: string, higherIsBetter: boolean, withRaw: boolean, run: (s: Served, kind: string) => number, image = full) => {
+      const res: Record<string, number[]> = { qcowfs: [], qemu: [], raw: [] };
+      for (let r = 0; r < a.runs; r++) {
+        for (const kind of ['qcowfs', 'qemu'] as const) {
+          const s = serve(kind, image);
+          try {
+            res[kind].push(run(s, kind));
+          } finally {
+            stop(s);
+          }
+        }
+        if (withRaw) res.raw.push(run(serveRaw(raw), 'raw'));
+      }
+      const row: Row = { name, unit, qcowfs: median(res.qcowfs), qemu: median(res.qemu), higherIsBetter, ...(withRaw ? { raw: median(res.raw) } : {}) };
+      rows.push(row);
+      log(`${name}: qcowfs ${row.qcowfs.toFixed(1)} ${unit}, qemu ${row.qemu.toFixed(1)} ${unit}${withRaw ? `, raw ${row.raw!.toFixed(1)} ${unit}` : ''}`);
+    };
+
+    // 1. Sequential read, 1 MiB requests, cold cache.
+    const peak: Record<string, number> = {};
+    measure('sequential read 1M (cold)', 'MB/s', true, true, (s, kind) => {
+      dropCaches();
+      const t = seconds(() => sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', `count=${size / MiB}`]));
+      if (s.pid) peak[`seqread-${kind}`] = Math.max(peak[`seqread-${kind}`] ?? 0, peakRssMiB(s.pid));
+      return size / t / 1e6;
+    });
+    // 2. Random 4 KiB reads.
+    measure('random read 4K, iodepth 1', 'IOPS', true, true, (s) => {
+      dropCaches();
+      return fio(s.file, ['--rw=randread', '--bs=4k', '--ioengine=psync', '--direct=1', '--time_based', `--runtime=${a.seconds}`]).iops;
+    });
+    measure('random read 4K, iodepth 16', 'IOPS', true, true, (s) => {
+      dropCaches();
+      return fio(s.file, ['--rw=randread', '--bs=4k', '--ioengine=libaio', '--iodepth=16', '--direct=1', '--time_based', `--runtime=${a.seconds}`]).iops;
+    });
+    // 3. Sequential write of 1 GiB into a fresh image, ending with fsync.
+    const writeSize = Math.min(GiB, size);
+    const fresh = (): string => {
+      const p = path.join(work, 'fresh.qcow2');
+      fs.rmSync(p, { force: true });
+      sh('qemu-img', ['create', '-q', '-f', 'qcow2', p, String(size)]);
+      return p;
+    };
+    const res3: Record<string, number[]> = { qcowfs: [], qemu: [] };
+    const res4: Record<string, number[]> = { qcowfs: [], qemu: [] };
+    for (let r = 0; r < a.runs; r++) {
+      for (const kind of ['qcowfs', 'qemu'] as const) {
+        let s = serve(kind, fresh());
+        try {
+          const t = seconds(() => sh('fio', ['--name=w', `--filename=${s.file}`, '--rw=write', '--bs=1M', `--size=${writeSize}`, '--end_fsync=1', '--ioengine=psync', '--output=/dev/null']));
+          res3[kind].push(writeSize / t / 1e6);
+          peak[`seqwrite-${kind}`] = Math.max(peak[`seqwrite-${kind}`] ?? 0, peakRssMiB(s.pid));
+        } finally {
+          stop(s);
+        }
+        s = serve(kind, fresh());
+        try {
+          res4[kind].push(fio(s.file, ['--rw=randwrite', '--bs=4k', '--ioengine=psync', `--size=${Math.min(256 * MiB, size)}`, '--time_based', `--runtime=${a.seconds}`, '--end_fsync=1']).iops);
+        } finally {
+          stop(s);
+        }
+      }
+    }
+    rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true });
+    rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true });
+    log(`writes: ${JSON.stringify({ res3, res4 })}`);
+    // 5. cp --sparse=always of a 64 GiB image holding 256 MiB of data.
+    const sparse = path.join(work, 'sparse.qcow2');
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', sparse, '64G']);
+    const cmds: string[] = [];
+    for (let i = 0; i < 16; i++) cmds.push('-c', `write -P ${i + 1} ${i * 4}G 16M`);
+    sh('qemu-io', ['-f', 'qcow2', ...cmds, sparse]);
+    measure('cp --sparse=always, 64 GiB with 256 MiB data', 's', false, false, (s) => {
+      const out = path.join(work, 'copy.raw');
+      fs.rmSync(out, { force: true });
+      dropCaches();
+      const t = seconds(() => sh('cp', ['--sparse=always', s.file, out]));
+      fs.rmSync(out, { force: true });
+      return t;
+    }, sparse);
+    // 6. Sequential read of a compressed image.
+    measure('sequential read, zlib-compressed image', 'MB/s', true, false, (s) => {
+      dropCaches();
+      const t = seconds(() => sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M']));
+      return size / t / 1e6;
+    }, compressed);
+    // 7. Loop-mounted ext4: untar a tree of small files, sync, read it back.
+    const tree = path.join(work, 'tree');
+    const files = a.quick ? 500 : 3000;
+    for (let d = 0; d < files / 100; d++) {
+      fs.mkdirSync(path.join(tree, `d${d}`), { recursive: true });
+      for (let f = 0; f < 100; f++) fs.writeFileSync(path.join(tree, `d${d}`, `f${f}`), Buffer.alloc(1024 + ((d * 100 + f) % 16) * 512, d + f));
+    }
+    const tarball = path.join(work, 'tree.tar');
+    sh('tar', ['cf', tarball, '-C', tree, '.']);
+    measure(`ext4 on loop: untar ${files} files, sync, read back`, 's', false, false, (s) => {
+      const loop = sh('losetup', ['--find', '--show', s.file]).trim();
+      const m = fs.mkdtempSync(path.join(work, 'ext4-'));
+      try {
+        sh('mkfs.ext4', ['-q', '-F', loop]);
+        sh('mount', [loop, m]);
+        const t = seconds(() => {
+          sh('tar', ['xf', tarball, '-C', m]);
+          sh('sync', []);
+          dropCaches();
+          sh('tar', ['cf', '/dev/null', '-C', m, '.']);
+        });
+        return t;
+      } finally {
+        sh('umount', [m], { allowFail: true });
+        sh('losetup', ['-d', loop], { allowFail: true });
+        fs.rmSync(m, { recursive: true, force: true });
+      }
+    }, fresh());
+    // 8. Peak memory on a 1 TiB sparse image.
+    const tib = path.join(work, 'tib.qcow2');
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', tib, '1T']);
+    for (const kind of ['qcowfs', 'qemu'] as const) {
+      const s = serve(kind, tib);
+      try {
+        sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', 'count=64', 'skip=500000']);
+        peak[`tib-${kind}`] = peakRssMiB(s.pid);
+      } finally {
+        stop(s);
+      }
+    }
+    const text = report(a, rows, peak);
+    process.stdout.write(text);
+    if (!a.quick) fs.writeFileSync(a.out, text);
+  } finally {
+    for (const s of [...running]) s.stop();
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function report(a: Args, rows: Row[], peak: Record<string, number>): string {
+  const v = (cmd: string, args: string[]) => sh(cmd, args, { allowFail: true }).split('\n')[0].trim();
+  const fmt = (n: number) => (n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2));
+  const lines = [
+    '# qcowfs benchmark',
+    '',
+    `Run ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${os.cpus().length} cores, ${Math.round(os.totalmem() / GiB)} GiB, Linux ${os.release()};`,
+    `node ${process.version}, ${v('qemu-storage-daemon', ['--version'])}, ${v('fio', ['--version'])}.`,
+    `Image ${a.sizeGiB} GiB, median of ${a.runs} runs, fio runs of ${a.seconds} s. The machine is shared: read the ratios, taken in the same run.`,
+    '',
+    'qcowfs: `qcowfs mount` (kernel transport). QEMU: `qemu-storage-daemon --export type=fuse` of the same image.',
+    'raw: the same bytes as a plain raw file on the same disk (the upper bound).',
+    '',
+    '| workload | unit | qcowfs | QEMU FUSE | raw | qcowfs / QEMU | qcowfs / raw |',
+    '|---|---|---:|---:|---:|---:|---:|',
+  ];
+  for (const r of rows) {
+    const ratio = r.higherIsBetter ? r.qcowfs / r.qemu : r.qemu / r.qcowfs;
+    const rawRatio = r.raw === undefined ? '' : (r.higherIsBetter ? r.qcowfs / r.raw : r.raw / r.qcowfs).toFixed(2);
+    lines.push(`| ${r.name} | ${r.unit} | ${fmt(r.qcowfs)} | ${fmt(r.qemu)} | ${r.raw === undefined ? '' : fmt(r.raw)} | ${ratio.toFixed(2)} | ${rawRatio} |`);
+  }
+  lines.push('', 'Ratios are "how many times better qcowfs is" (for times: QEMU time / qcowfs time).', '');
+  lines.push('| daemon peak RSS (VmHWM) | qcowfs MiB | QEMU MiB |', '|---|---:|---:|');
+  for (const [label, key] of [['sequential read', 'seqread'], ['sequential write', 'seqwrite'], ['1 TiB sparse image, mount + 64 MiB read', 'tib']]) {
+    lines.push(`| ${label} | ${fmt(peak[`${key}-qcowfs`] ?? NaN)} | ${fmt(peak[`${key}-qemu`] ?? NaN)} |`);
+  }
+  lines.push('');
+  return lines.join('\n') + '\n';
+}
+
+main();
