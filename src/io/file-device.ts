@@ -2,14 +2,30 @@ import * as fs from 'fs';
 import { BlockDevice } from './block-device';
 import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
 
-const fsp = fs.promises;
+/** fs.read as a promise, without FileHandle's extra bookkeeping on the hot path. */
+function readAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function writeAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function call<T>(fn: (cb: (err: NodeJS.ErrnoException | null, v?: T) => void) => void): Promise<T> {
+  return new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v as T))));
+}
 
 /** A block device over a host file, with positioned I/O on one descriptor. */
 export class FileDevice implements BlockDevice {
   private length: number;
+  private closed = false;
 
   private constructor(
-    private readonly handle: fs.promises.FileHandle,
+    readonly fd: number,
     readonly name: string,
     readonly readOnly: boolean,
     length: number,
@@ -19,27 +35,22 @@ export class FileDevice implements BlockDevice {
 
   /**
    * Open a file. With `lock`, take QEMU's image locks (read-only users
-   * share, writers exclude everyone else) and fail with ImageLockedError.
+   * share, writers exclude everyone else) and fail with LockConflictError.
    */
   static async open(path: string, opts: { readOnly?: boolean; lock?: boolean } = {}): Promise<FileDevice> {
     const readOnly = opts.readOnly ?? false;
-    const handle = await fsp.open(path, readOnly ? 'r' : 'r+');
+    const fd = await call<number>((cb) => fs.open(path, readOnly ? 'r' : 'r+', cb));
     try {
-      const st = await handle.stat();
+      const st = await call<fs.Stats>((cb) => fs.fstat(fd, cb));
       if (!st.isFile() && !st.isBlockDevice()) {
         throw Object.assign(new Error(`${path}: not a regular file`), { code: 'EINVAL' });
       }
-      if (opts.lock) lockImage(handle.fd, path, readOnly ? READ_ONLY_LOCK : READ_WRITE_LOCK);
-      return new FileDevice(handle, path, readOnly, st.size);
+      if (opts.lock) lockImage(fd, path, readOnly ? READ_ONLY_LOCK : READ_WRITE_LOCK);
+      return new FileDevice(fd, path, readOnly, st.size);
     } catch (err) {
-      await handle.close();
+      fs.closeSync(fd);
       throw err;
     }
-  }
-
-  /** The underlying descriptor (for byte-range locks). */
-  get fd(): number {
-    return this.handle.fd;
   }
 
   size(): number {
@@ -47,11 +58,11 @@ export class FileDevice implements BlockDevice {
   }
 
   async pread(buf: Buffer, offset: number): Promise<number> {
-    let done = 0;
+    let done = await readAt(this.fd, buf, 0, buf.length, offset);
     while (done < buf.length) {
-      const { bytesRead } = await this.handle.read(buf, done, buf.length - done, offset + done);
-      if (bytesRead === 0) break;
-      done += bytesRead;
+      const n = await readAt(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) break;
+      done += n;
     }
     return done;
   }
@@ -59,28 +70,29 @@ export class FileDevice implements BlockDevice {
   async pwrite(buf: Buffer, offset: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, offset + done);
-      done += bytesWritten;
+      done += await writeAt(this.fd, buf, done, buf.length - done, offset + done);
     }
     if (offset + buf.length > this.length) this.length = offset + buf.length;
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.handle.datasync();
+    if (!this.readOnly) await call<void>((cb) => fs.fdatasync(this.fd, cb));
   }
 
   async truncate(size: number): Promise<void> {
-    await this.handle.truncate(size);
+    await call<void>((cb) => fs.ftruncate(this.fd, size, cb));
     this.length = size;
   }
 
   async close(): Promise<void> {
-    await this.handle.close();
+    if (this.closed) return;
+    this.closed = true;
+    await call<void>((cb) => fs.close(this.fd, cb));
   }
 
   /** Bytes the file occupies on the host (st_blocks * 512). */
   async allocatedBytes(): Promise<number> {
-    const st = await this.handle.stat();
+    const st = await call<fs.Stats>((cb) => fs.fstat(this.fd, cb));
     return st.blocks * 512;
   }
 }

@@ -219,7 +219,7 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     uid: process.getuid?.() ?? 0,
     gid: process.getgid?.() ?? 0,
   });
-  const mountOpts: MountOptions & { requestTimeoutMs: number } = {
+  const mountOpts: MountOptions & { requestTimeoutMs: number; readers: number } = {
     mountpoint: pl.mountpoint,
     rootIsFile: pl.rootIsFile,
     readOnly: pl.readOnly,
@@ -232,6 +232,8 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     errnoOf,
     // A slow flush is still a flush: never answer EIO while the engine is working.
     requestTimeoutMs: 0,
+    // Device reads kept waiting for requests: 4 measured best for queued random I/O here.
+    readers: 4,
   };
   let mount: FuseMount;
   try {
