@@ -248,6 +248,7 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     for (const img of images) await img.close().catch(() => {});
     throw err;
   }
+  raiseReadahead(pl.mountpoint, pl.maxRequestBytes);
   writeRecord({ pid: process.pid, mountpoint: pl.mountpoint, images: pl.images, transport: pl.transport, log: readyFd !== null ? logPath(pl.mountpoint) : null });
   if (readyFd !== null) {
     fs.writeSync(readyFd, 'READY\n');
@@ -280,6 +281,26 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
   }
   removeRecord(pl.mountpoint, process.pid);
   return code;
+}
+
+/**
+ * The kernel caps a FUSE mount's readahead at its default (128 KiB), whatever
+ * INIT asks for; raising the mount's backing-device readahead lets sequential
+ * reads arrive as requests of up to `bytes`. Best effort: needs root.
+ */
+function raiseReadahead(mountpoint: string, bytes: number): void {
+  try {
+    // Never stat the mountpoint here: this process serves it, a blocking call on it would hang.
+    // /proc/self/mountinfo names the mount's device: "id parent MAJ:MIN root mountpoint ...".
+    const line = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')
+      .map((l) => l.split(' '))
+      .filter((f) => f[4] === mountpoint.replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`))
+      .pop();
+    if (!line) return;
+    fs.writeFileSync(`/sys/class/bdi/${line[2]}/read_ahead_kb`, String(Math.max(128, Math.floor(bytes / 1024))));
+  } catch {
+    // not root, or no sysfs: the kernel's default readahead stays
+  }
 }
 
 /** Start the daemon in the background and wait until its mount is usable (or it failed). */
