@@ -280,6 +280,11 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     }
   }
   removeRecord(pl.mountpoint, process.pid);
+  if (readyFd !== null && code === 0) fs.rmSync(logPath(pl.mountpoint), { force: true });
+  if (pl.transport === 'libfuse') {
+    // fuse-native keeps a native handle referenced after the unmount; nothing is left to do.
+    setImmediate(() => process.exit(code));
+  }
   return code;
 }
 
