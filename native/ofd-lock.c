@@ -27,6 +27,15 @@ static napi_value number(napi_env env, int64_t v) {
   return r;
 }
 
+/* The one-range lock description both calls use. */
+static void describe(struct flock *fl, int64_t start, int64_t length, short type) {
+  memset(fl, 0, sizeof *fl);
+  fl->l_whence = SEEK_SET;
+  fl->l_start = start;
+  fl->l_len = length;
+  fl->l_type = type;
+}
+
 static napi_value SetLock(napi_env env, napi_callback_info info) {
   int64_t a[4];
   if (get_args(env, info, a, 4) != 0) {
@@ -34,11 +43,7 @@ static napi_value SetLock(napi_env env, napi_callback_info info) {
     return NULL;
   }
   struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = a[1];
-  fl.l_len = a[2];
-  fl.l_type = a[3] == 0 ? F_UNLCK : a[3] == 1 ? F_RDLCK : F_WRLCK;
+  describe(&fl, a[1], a[2], a[3] == 0 ? F_UNLCK : a[3] == 1 ? F_RDLCK : F_WRLCK);
   int r = fcntl((int)a[0], F_OFD_SETLK, &fl);
   return number(env, r == 0 ? 0 : errno);
 }
@@ -50,11 +55,7 @@ static napi_value TestLock(napi_env env, napi_callback_info info) {
     return NULL;
   }
   struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = a[1];
-  fl.l_len = a[2];
-  fl.l_type = a[3] ? F_WRLCK : F_RDLCK;
+  describe(&fl, a[1], a[2], a[3] ? F_WRLCK : F_RDLCK);
   if (fcntl((int)a[0], F_OFD_GETLK, &fl) != 0) return number(env, -errno);
   return number(env, fl.l_type == F_UNLCK ? 0 : 1);
 }
