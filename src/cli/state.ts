@@ -58,12 +58,27 @@ export function removeRecord(mountpoint: string, pid?: number): void {
   fs.rmSync(recordPath(mountpoint), { force: true });
 }
 
+/**
+ * True while `pid` runs. A process that has exited but is not yet reaped (a
+ * zombie) has closed its images and released its locks: it counts as gone.
+ * The detached daemon's parent is init, and not every init reaps promptly.
+ */
 export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  return !isZombie(pid);
+}
+
+/** /proc/PID/stat is "pid (comm) state ..."; comm may itself hold ')' and spaces. */
+function isZombie(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
+  } catch {
+    return false; // no procfs, or the process went away meanwhile: kill() said it was there
   }
 }
 
