@@ -92,6 +92,7 @@ describe('qcowfs mount: concurrent processes', function () {
       qemuImg('create', '-q', '-f', 'qcow2', base, '16M');
       qemuIo(base, ['write -P 0xa5 0 16M']);
       qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top);
+      const baseSum = sha(fs.readFileSync(base));
       const clusters = 256; // 64 KiB each
       const bs = 4096;
       const srcA = patternBuffer(clusters * bs, 11);
@@ -117,6 +118,8 @@ describe('qcowfs mount: concurrent processes', function () {
       sb.unmount(mnt);
       expectCheckClean(top);
       expect(sha(fs.readFileSync(qemuConvertRaw(top, sb.path('share.qemu'))))).to.equal(sha(want));
+      // Writes went to the overlay only.
+      expect(sha(fs.readFileSync(base))).to.equal(baseSum);
     });
   }
 
