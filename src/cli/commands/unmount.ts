@@ -5,7 +5,7 @@ import { OptionSpec, Parsed, flag, UsageError } from '../args';
 import { Command, writeErr } from '../command';
 import { CliError } from '../exit';
 import { unmountPath } from '../../fuse/mount';
-import { MountRecord, readRecord, removeRecord, processAlive } from '../state';
+import { MountRecord, readRecord, removeRecord, processAlive, logPath } from '../state';
 
 const options: OptionSpec[] = [
   { name: 'lazy', short: 'l', help: 'detach even while files are open (the daemon exits once they are closed)' },
@@ -47,6 +47,18 @@ function daemonGone(mountpoint: string, rec: MountRecord | null): boolean {
   }
 }
 
+/**
+ * A daemon that exits cleanly removes its log; one that was killed cannot.
+ * An empty log says nothing, so it goes; one with the daemon's last words stays.
+ */
+function removeEmptyLog(mountpoint: string): void {
+  try {
+    if (fs.statSync(logPath(mountpoint)).size === 0) fs.rmSync(logPath(mountpoint), { force: true });
+  } catch {
+    // no log
+  }
+}
+
 async function run(p: Parsed): Promise<number> {
   const [target, ...rest] = p.positional;
   if (!target || rest.length > 0) throw new UsageError('unmount takes exactly one mountpoint');
@@ -65,6 +77,7 @@ async function run(p: Parsed): Promise<number> {
       await detachMount(mountpoint, true);
       writeErr(`qcowfs: the daemon serving ${mountpoint} is gone; detached the mount (files still open on it now fail)\n`);
       if (rec) removeRecord(mountpoint, rec.pid);
+      removeEmptyLog(mountpoint);
       return 0;
     }
     if (code === 'EBUSY') throw new CliError(`${mountpoint} is busy: files on it are still open; close them and retry, or use --lazy`);
@@ -86,6 +99,7 @@ async function run(p: Parsed): Promise<number> {
     }
     removeRecord(mountpoint, rec.pid);
   }
+  removeEmptyLog(mountpoint);
   return 0;
 }
 

@@ -10,7 +10,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { qemuImg, qemuIo, qemuCheck, qemuRaw, run } from '../../helpers/qemu';
 import { Sandbox, qcowfs, isMounted, daemonPid, processGone, expectCheckClean, errnoOf, waitFor, RunResult } from '../../helpers/mount';
-import { readRecord } from '../../../src/cli/state';
+import { readRecord, logPath } from '../../../src/cli/state';
 
 /** One line on stderr, prefixed "qcowfs:", no stack trace, non-zero exit. */
 function expectOneLineError(r: RunResult, pattern: RegExp): void {
@@ -115,6 +115,8 @@ describe('qcowfs mount: the daemon starts, stops, and is killed', function () {
       expect(isMounted(mnt)).to.equal(false);
       expect(fs.statSync(mnt).isDirectory()).to.equal(true);
       expect(readRecord(mnt)).to.equal(null);
+      // The killed daemon had nothing to say: its empty log goes with the mount.
+      expect(fs.existsSync(logPath(mnt))).to.equal(false);
     } finally {
       // Closing a file of a dead mount reports ENOTCONN (its flush has no one to answer).
       try { fs.closeSync(holder); } catch { /* ENOTCONN */ }
