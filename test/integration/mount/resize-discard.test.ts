@@ -110,6 +110,9 @@ describe('qcowfs mount: truncate and fallocate on the raw view', function () {
     for (const [s, e] of holes) {
       expect(qemuData.some(([ds, de]) => ds < e && de > s), `qemu-img map data over ${s}-${e}`).to.equal(false);
     }
+    sb.mount('--read-only', img, mnt);
+    expect(seekDataRanges(raw)).to.deep.equal(qemuData);
+    sb.unmount(mnt);
   });
 });
 
