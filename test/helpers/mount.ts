@@ -11,7 +11,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { expect } from 'chai';
 import { qemuCheck, qemuMap, run } from './qemu';
-import { readRecord } from '../../src/cli/state';
+import { readRecord, removeRecord, logPath } from '../../src/cli/state';
 
 /** The CLI entry, from dist/test/helpers. */
 export const QCOWFS_BIN = path.resolve(__dirname, '../../../bin/qcowfs');
@@ -190,7 +190,6 @@ export class Sandbox {
         if (spawnSync('umount', ['-l', mp]).status !== 0) break;
       }
     }
-    this.mounts.length = 0;
     this.loops.length = 0;
     for (const pid of this.pids) {
       const deadline = Date.now() + 5000;
@@ -202,9 +201,17 @@ export class Sandbox {
         } catch {
           // already gone
         }
+        for (let i = 0; i < 40 && !processGone(pid); i++) await sleep(50);
       }
     }
     this.pids.clear();
+    // Records and logs of daemons that could not remove their own.
+    for (const mp of new Set(this.mounts)) {
+      const rec = readRecord(mp);
+      if (rec && processGone(rec.pid)) removeRecord(mp, rec.pid);
+      if (!rec || processGone(rec.pid)) fs.rmSync(logPath(mp), { force: true });
+    }
+    this.mounts.length = 0;
     for (const c of this.children) if (c.child.exitCode === null && c.child.signalCode === null) c.child.kill('SIGKILL');
     this.children.length = 0;
     if (!opts.keepDir) fs.rmSync(this.dir, { recursive: true, force: true });
