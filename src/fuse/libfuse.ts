@@ -16,9 +16,9 @@
  *   (libfuse's caller credentials are not passed on) and no request can be
  *   interrupted; attribute and name caching use libfuse's fixed 1 s
  *   timeouts; per-open direct I/O and keep-cache are not available.
- * - utimens: fuse-native hands over the access time for both stamps, and
- *   "now" and "omit" arrive alike, so both stamps are set to the access
- *   time, or to now.
+ * - Times: libfuse 2 passes a change of the times on only when both stamps
+ *   change (touch -a or -m alone change nothing), and fuse-native hands over
+ *   the access time for both, so both are set to the new access time.
  * - Other users reach the mount only with allow_other, which an
  *   unprivileged user may ask for only when /etc/fuse.conf has
  *   `user_allow_other`.
@@ -47,12 +47,6 @@ const LIBFUSE2_PROTO_MAJOR = 7;
 const LIBFUSE2_PROTO_MINOR = 19;
 /** libfuse 2 reads each request into a 128 KiB + header buffer: no larger reads or writes. */
 export const LIBFUSE2_MAX_REQUEST = 128 * 1024;
-/**
- * libfuse 2 turns FATTR_ATIME_NOW and an omitted stamp into tv_sec 0 with
- * tv_nsec UTIME_NOW / UTIME_OMIT ((1 << 30) - 1 / - 2); fuse-native hands
- * timespecs over in whole milliseconds, where both become this value.
- */
-const UTIME_SENTINEL_MS = Math.floor(((1 << 30) - 1) / 1e6);
 /** How often the mount is checked for an unmount from outside. */
 const WATCH_INTERVAL_MS = 200;
 const FUSECTL_DIR = '/sys/fs/fuse/connections';
@@ -203,10 +197,6 @@ export function fitStatfs(s: Statfs): Record<string, number> {
     bavail: clamp(bavail), files: clamp(s.files), ffree: clamp(s.ffree), favail: clamp(s.ffree), fsid: 0, flag: 0,
     namemax: clamp(s.namelen),
   };
-}
-
-function utimeMs(ms: number): number | 'now' {
-  return ms === UTIME_SENTINEL_MS ? 'now' : ms;
 }
 
 // --- mount state from the kernel ------------------------------------------------------------
@@ -499,9 +489,9 @@ export async function mountLibfuse(filesystem: FuseFilesystem, opts: LibfuseMoun
       return [];
     }),
     utimens: (p: string, atime: number, _mtime: number, cb: Callback) => serve('utimens', p, cb, async () => {
-      // fuse-native passes the access time in both arguments (see the limits above).
-      const t = utimeMs(atime);
-      await filesystem.setattr(ctx, await resolve(p), { atimeMs: t, mtimeMs: t });
+      // fuse-native passes the access time in both arguments (see the limits
+      // above); libfuse 2 has already turned "now" into the kernel's time.
+      await filesystem.setattr(ctx, await resolve(p), { atimeMs: atime, mtimeMs: atime });
       return [];
     }),
     chmod: (p: string, mode: number, cb: Callback) => serve('chmod', p, cb, async () => {
