@@ -395,9 +395,27 @@ export async function mountLibfuse(filesystem: FuseFilesystem, opts: LibfuseMoun
     return node;
   };
 
+  // libfuse 2 runs as many worker threads as requests arrive; at most
+  // maxInFlight of them reach the filesystem at once, the others wait here.
+  const maxInFlight = Math.max(1, Math.floor(opts.maxInFlight) || 1);
+  let inFlight = 0;
+  const waiting: Array<() => void> = [];
+  const limited = async <T>(work: () => Promise<T>): Promise<T> => {
+    if (inFlight < maxInFlight) inFlight++;
+    else await new Promise<void>((r) => waiting.push(r));
+    try {
+      return await work();
+    } finally {
+      // A waiting request takes the slot over; none waiting, the slot is free.
+      const next = waiting.shift();
+      if (next) next();
+      else inFlight--;
+    }
+  };
+
   /** Run an op; its promise's value is the success arguments after code 0. */
   const serve = (op: string, p: string, cb: Callback, work: () => Promise<unknown[]>): void => {
-    work().then(
+    limited(work).then(
       (results) => {
         log?.(op, p, 'ok');
         cb(0, ...results);
@@ -411,7 +429,7 @@ export async function mountLibfuse(filesystem: FuseFilesystem, opts: LibfuseMoun
   };
   /** read and write answer with one number: the byte count, or -errno. */
   const serveCount = (op: string, p: string, cb: (n: number) => void, work: () => Promise<number>): void => {
-    work().then(
+    limited(work).then(
       (n) => {
         log?.(op, p, `${n} bytes`);
         cb(n);
