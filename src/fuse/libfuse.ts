@@ -231,12 +231,33 @@ function findMount(mountpoint: string): MountInfoLine | null {
   return found;
 }
 
-/** The fusectl directory of a mount's connection; it exists for as long as the connection does. */
-function connectionDir(dev: string): string | null {
+/**
+ * A mount's connection as fusectl shows it: a directory named by the device
+ * minor that exists for as long as the connection does. Minors are reused at
+ * once, so the directory's inode number tells this connection from a later one.
+ */
+interface Connection {
+  dir: string;
+  ino: number;
+}
+
+function connectionOf(dev: string): Connection | null {
   const [major, minor] = dev.split(':').map(Number);
-  if (major !== 0 || !Number.isInteger(minor) || !fs.existsSync(FUSECTL_DIR)) return null;
+  if (major !== 0 || !Number.isInteger(minor)) return null;
   const dir = path.join(FUSECTL_DIR, String(minor));
-  return fs.existsSync(dir) ? dir : null;
+  try {
+    return { dir, ino: fs.statSync(dir).ino };
+  } catch {
+    return null; // fusectl not mounted
+  }
+}
+
+function connectionAlive(c: Connection): boolean {
+  try {
+    return fs.statSync(c.dir).ino === c.ino;
+  } catch {
+    return false;
+  }
 }
 
 /** fusermount -u [-z]: busy and not-mounted come back as codes EBUSY and EINVAL. */
@@ -272,8 +293,8 @@ export class LibfuseMount implements FuseMount {
     private readonly filesystem: FuseFilesystem,
     private readonly fuse: FuseNativeInstance,
     private readonly fusermount: string,
-    /** The mount's fusectl directory, when fusectl is mounted. */
-    private readonly connection: string | null,
+    /** The mount's fusectl connection, when fusectl is mounted. */
+    private readonly connection: Connection | null,
   ) {
     this.done = new Promise<void>((resolve, reject) => {
       this.settle = (err?: unknown) => (err === undefined ? resolve() : reject(err));
@@ -284,7 +305,7 @@ export class LibfuseMount implements FuseMount {
 
   /** Gone means: the kernel connection has ended (a lazily detached mount ends at its last close). */
   gone(): boolean {
-    if (this.connection !== null) return !fs.existsSync(this.connection);
+    if (this.connection !== null) return !connectionAlive(this.connection);
     return findMount(this.mountpoint) === null;
   }
 
@@ -584,7 +605,7 @@ export async function mountLibfuse(filesystem: FuseFilesystem, opts: LibfuseMoun
   });
 
   const found = findMount(mountpoint);
-  const mount = new LibfuseMount(mountpoint, filesystem, fuse, fusermount, found ? connectionDir(found.dev) : null);
+  const mount = new LibfuseMount(mountpoint, filesystem, fuse, fusermount, found ? connectionOf(found.dev) : null);
   const timeoutMs = opts.initTimeoutMs ?? 30_000;
   let timer: NodeJS.Timeout | undefined;
   try {

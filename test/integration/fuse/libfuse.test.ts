@@ -422,6 +422,20 @@ function tests(): void {
         expect(memfs.destroyed).to.equal(1);
       });
 
+      it('regression: an unmount from outside is noticed though a new mount at once takes the same connection number', async () => {
+        const first = await mountIt();
+        await ok('fusermount', ['-u', mnt]);
+        // The kernel hands the freed device minor, and so the fusectl name, to the next mount.
+        const second = await mountLibfuse(new MemoryFile(Buffer.alloc(4096)), mountOptions(mnt));
+        try {
+          await withTimeout(first.done, 5000, 'done of the first mount');
+          expect(memfs.destroyed).to.equal(1);
+          expect((await ok('stat', ['-c', '%s', path.join(mnt, FILE)])).trim()).to.equal('4096');
+        } finally {
+          await withTimeout(second.unmount({ force: true }), 10_000, 'unmount of the second mount');
+        }
+      });
+
       it('a busy mount refuses unmount() with EBUSY; force detaches it and the session ends at the last close', async () => {
         const m = await mountIt();
         const holder = spawn('sh', ['-c', 'exec 3<"$1"; echo held; read line', 'sh', path.join(mnt, FILE)], { stdio: ['pipe', 'pipe', 'inherit'] });
