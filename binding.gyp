@@ -1,8 +1,8 @@
 {
   "targets": [
     {
-      "target_name": "ofd_lock",
-      "sources": ["native/ofd-lock.c"],
+      "target_name": "qcowfs_native",
+      "sources": ["native/module.c", "native/ofd-lock.c", "native/fast-io.c"],
       "cflags": ["-O2", "-Wall"]
     }
   ]

@@ -9,7 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
-#include <node_api.h>
+#include "qcowfs-native.h"
 
 static int get_args(napi_env env, napi_callback_info info, int64_t *out, size_t n) {
   napi_value argv[4];
@@ -19,12 +19,6 @@ static int get_args(napi_env env, napi_callback_info info, int64_t *out, size_t 
     if (napi_get_value_int64(env, argv[i], &out[i]) != napi_ok) return -1;
   }
   return 0;
-}
-
-static napi_value number(napi_env env, int64_t v) {
-  napi_value r;
-  napi_create_int64(env, v, &r);
-  return r;
 }
 
 /* The one-range lock description both calls use. */
@@ -45,7 +39,7 @@ static napi_value SetLock(napi_env env, napi_callback_info info) {
   struct flock fl;
   describe(&fl, a[1], a[2], a[3] == 0 ? F_UNLCK : a[3] == 1 ? F_RDLCK : F_WRLCK);
   int r = fcntl((int)a[0], F_OFD_SETLK, &fl);
-  return number(env, r == 0 ? 0 : errno);
+  return native_number(env, r == 0 ? 0 : errno);
 }
 
 static napi_value TestLock(napi_env env, napi_callback_info info) {
@@ -56,15 +50,11 @@ static napi_value TestLock(napi_env env, napi_callback_info info) {
   }
   struct flock fl;
   describe(&fl, a[1], a[2], a[3] ? F_WRLCK : F_RDLCK);
-  if (fcntl((int)a[0], F_OFD_GETLK, &fl) != 0) return number(env, -errno);
-  return number(env, fl.l_type == F_UNLCK ? 0 : 1);
+  if (fcntl((int)a[0], F_OFD_GETLK, &fl) != 0) return native_number(env, -errno);
+  return native_number(env, fl.l_type == F_UNLCK ? 0 : 1);
 }
 
-NAPI_MODULE_INIT() {
-  napi_value fn;
-  napi_create_function(env, "setLock", NAPI_AUTO_LENGTH, SetLock, NULL, &fn);
-  napi_set_named_property(env, exports, "setLock", fn);
-  napi_create_function(env, "testLock", NAPI_AUTO_LENGTH, TestLock, NULL, &fn);
-  napi_set_named_property(env, exports, "testLock", fn);
-  return exports;
+void register_ofd_lock(napi_env env, napi_value exports) {
+  native_export(env, exports, "setLock", SetLock);
+  native_export(env, exports, "testLock", TestLock);
 }

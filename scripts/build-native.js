@@ -1,5 +1,5 @@
 'use strict';
-// Builds the small native module for QEMU-compatible image locks. If it
+// Builds the native module (image locks, non-blocking I/O). If it
 // cannot be built (no compiler or Node headers), qcowfs still works and says
 // at run time that image locking is unavailable.
 const { spawnSync } = require('child_process');
@@ -9,5 +9,5 @@ const root = path.resolve(__dirname, '..');
 const r = spawnSync('node-gyp', ['rebuild', '--silent'], { cwd: root, stdio: ['ignore', 'ignore', 'pipe'], encoding: 'utf8', shell: false });
 if (r.status !== 0) {
   const why = r.error ? r.error.message : (r.stderr || '').trim().split('\n').slice(-3).join(' ');
-  process.stderr.write(`qcowfs: warning: the image-locking module was not built (${why}); images will not be locked against QEMU\n`);
+  process.stderr.write(`qcowfs: warning: the native module was not built (${why}); images will not be locked against QEMU and I/O takes a slower path\n`);
 }

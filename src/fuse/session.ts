@@ -3,10 +3,14 @@
  * of requests to a FuseFilesystem, interrupts, and exactly one reply per
  * request.
  *
- * Reading. Node cannot poll a character device, so requests are read with
+ * Reading. With the native module (src/io/native.ts) the device is made
+ * non-blocking and watched on the event loop itself (a uv_poll handle):
+ * when it is readable, requests are read with non-blocking read(2) until it
+ * answers EAGAIN, and no request crosses a thread to arrive. Without the
+ * module — Node cannot poll a character device — requests are read with
  * blocking read(2) calls run on the libuv threadpool (fs.read). Each of the
- * `readers` outstanding reads occupies one threadpool thread until the kernel
- * has a request, so the pool must be larger than `readers`, or the
+ * `readers` outstanding reads then occupies one threadpool thread until the
+ * kernel has a request, so the pool must be larger than `readers`, or the
  * filesystem's own fs.* calls starve and the mount deadlocks. The pool size
  * comes from UV_THREADPOOL_SIZE, read once when the pool is first used: call
  * ensureThreadpool() at the very start of the process, before any
@@ -52,6 +56,7 @@ import {
 import {
   FuseErrno, type ConnectionInfo, type DirEntry, type FuseFilesystem, type MountOptions, type RequestContext,
 } from './filesystem';
+import { loadNative, type NativeModule, type PollHandle } from '../io/native';
 
 const E = osConstants.errno;
 
@@ -99,6 +104,8 @@ export interface KernelSessionOptions extends MountOptions {
   requestTimeoutMs?: number;
   /** Answer EINTR this long after FUSE_INTERRUPT if the handler has not settled (default 1 s). */
   interruptGraceMs?: number;
+  /** Watch the device on the event loop when the native module is there (default true). */
+  pollDevice?: boolean;
 }
 
 const DEFAULT_REQUEST_TIMEOUT_MS = 120_000;
@@ -182,6 +189,10 @@ export class FuseSession {
   private stopping = false;
   private activeReaders = 0;
   private parkedReaders = 0;
+  /** Poll mode: the native module and the device's poll handle. */
+  private native: NativeModule | null = null;
+  private poll: PollHandle | undefined;
+  private pollParked = false;
   private sweepTimer: NodeJS.Timeout | undefined;
   private conn: ConnectionInfo | undefined;
   private destroyed = false;
@@ -219,6 +230,12 @@ export class FuseSession {
     return this.stopping;
   }
 
+  /** How requests are read: on the event loop ('poll') or by threadpool reads ('threadpool'). */
+  get readMode(): 'poll' | 'threadpool' | undefined {
+    if (!this.started) return undefined;
+    return this.native !== null ? 'poll' : 'threadpool';
+  }
+
   /** Requests whose handlers have not settled. */
   get inFlight(): number {
     return this.pending.size;
@@ -230,6 +247,14 @@ export class FuseSession {
     this.started = true;
     this.sweepTimer = setInterval(() => this.sweep(), SWEEP_INTERVAL_MS);
     this.sweepTimer.unref();
+    const native = this.opts.pollDevice === false ? null : loadNative();
+    if (native !== null && native.setNonblock(this.fd) === 0) {
+      this.native = native;
+      this.activeReaders = 1;
+      this.poll = native.pollCreate(this.fd, () => this.onReadable());
+      native.pollStart(this.poll);
+      return;
+    }
     for (let i = 0; i < this.readers; i++) {
       this.activeReaders++;
       this.readNext();
@@ -294,6 +319,46 @@ export class FuseSession {
     this.readNext();
   }
 
+  /** Poll mode: the device is readable (or has failed); read until it would block. */
+  private onReadable(): void {
+    const native = this.native!;
+    while (!this.stopping) {
+      if (this.pending.size >= this.maxInFlight) {
+        // Saturated: stop watching (the poll is level-triggered) until a handler settles.
+        native.pollStop(this.poll!);
+        this.pollParked = true;
+        return;
+      }
+      const buf = this.takeBuffer();
+      const n = native.readInto(this.fd, buf);
+      if (n < 0) {
+        this.giveBuffer(buf);
+        const errno = -n;
+        if (errno === E.EAGAIN) return;
+        if (errno === E.EINTR || errno === E.ENOENT) continue; // ENOENT: interrupted before we read it
+        if (errno !== E.ENODEV && errno !== E.ECONNABORTED) {
+          this.fatal ??= new Error(`reading /dev/fuse failed: ${errnoName(errno)}`);
+        }
+        this.stopPolling();
+        return;
+      }
+      try {
+        this.handle(buf, n);
+      } catch (e) {
+        process.stderr.write(`qcowfs: fuse: internal error: ${(e as Error).stack ?? e}\n`);
+      }
+    }
+  }
+
+  private stopPolling(): void {
+    this.stopping = true;
+    if (this.poll !== undefined) {
+      this.native!.pollClose(this.poll);
+      this.poll = undefined;
+    }
+    this.readerExited();
+  }
+
   private readerExited(): void {
     this.activeReaders--;
     if (this.activeReaders === 0) {
@@ -305,6 +370,10 @@ export class FuseSession {
 
   /** A handler settled: wake a parked reader if any. */
   private unpark(): void {
+    if (this.pollParked && this.pending.size < this.maxInFlight && this.poll !== undefined) {
+      this.pollParked = false;
+      this.native!.pollStart(this.poll);
+    }
     while (this.parkedReaders > 0 && this.pending.size < this.maxInFlight) {
       this.parkedReaders--;
       this.readNext();

@@ -1,6 +1,10 @@
 import * as fs from 'fs';
+import { constants as osConstants } from 'os';
 import { BlockDevice } from './block-device';
 import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
+import { loadNative, type NativeModule } from './native';
+
+const E = osConstants.errno;
 
 /** Writes up to this size are issued synchronously (they land in the page cache). */
 const SYNC_WRITE_MAX = 64 * 1024;
@@ -26,6 +30,12 @@ function call<T>(fn: (cb: (err: NodeJS.ErrnoException | null, v?: T) => void) =>
 export class FileDevice implements BlockDevice {
   private length: number;
   private closed = false;
+  /**
+   * Reads are first tried with RWF_NOWAIT (page-cache hits are served on the
+   * spot, without a threadpool round trip); null where the native module or
+   * the host filesystem cannot.
+   */
+  private nowait: NativeModule | null = loadNative();
 
   private constructor(
     readonly fd: number,
@@ -60,8 +70,22 @@ export class FileDevice implements BlockDevice {
     return this.length;
   }
 
-  async pread(buf: Buffer, offset: number): Promise<number> {
-    let done = await readAt(this.fd, buf, 0, buf.length, offset);
+  pread(buf: Buffer, offset: number): Promise<number> {
+    let done = 0;
+    if (this.nowait !== null && buf.length > 0) {
+      const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
+      if (n === buf.length) return Promise.resolve(n);
+      if (n > 0) {
+        done = n;
+      } else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) {
+        this.nowait = null; // this file system cannot; stop asking
+      }
+      // -EAGAIN (not cached) and real errors go the threadpool way, which reports them.
+    }
+    return this.preadFrom(buf, offset, done);
+  }
+
+  private async preadFrom(buf: Buffer, offset: number, done: number): Promise<number> {
     while (done < buf.length) {
       const n = await readAt(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) break;

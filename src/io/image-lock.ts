@@ -6,7 +6,7 @@
  * 200 + bit, and not sharing one checks that nobody locks 100 + bit. So a
  * qcowfs writer and a QEMU writer refuse each other, and readers share.
  */
-import * as path from 'path';
+import { loadNative, type NativeModule } from './native';
 
 /** Another process holds a conflicting lock on the image file. */
 export class LockConflictError extends Error {
@@ -27,23 +27,12 @@ const RAW_LOCK_PERM_BASE = 100;
 const RAW_LOCK_SHARED_BASE = 200;
 const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
 
-interface OfdLock {
-  setLock(fd: number, start: number, length: number, type: number): number;
-  testLock(fd: number, start: number, length: number, exclusive: number): number;
-}
+type OfdLock = Pick<NativeModule, 'setLock' | 'testLock'>;
 
-let native: OfdLock | null | undefined;
 let warned = false;
 
 function load(): OfdLock | null {
-  if (native !== undefined) return native;
-  try {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    native = require(path.resolve(__dirname, '../../../build/Release/ofd_lock.node')) as OfdLock;
-  } catch {
-    native = null;
-  }
-  return native;
+  return loadNative();
 }
 
 /** Whether image locks can be taken on this installation. */

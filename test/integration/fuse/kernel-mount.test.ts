@@ -18,317 +18,322 @@ import {
 
 const MiB = 1 << 20;
 
-describe('FUSE kernel transport (real mounts)', function () {
-  this.timeout(60_000);
+// Both ways of reading /dev/fuse: polled on the event loop (native module) and threadpool reads.
+for (const mode of ['poll', 'threadpool'] as const) {
+  describe(`FUSE kernel transport (real mounts, ${mode} reads)`, function () {
+    this.timeout(60_000);
 
-  let t: TestMount | undefined;
-  let mfs: MemoryFs;
-  let scratch: string | undefined;
+    let t: TestMount | undefined;
+    let mfs: MemoryFs;
+    let scratch: string | undefined;
 
-  async function mountMemory(opts: MemoryFsOptions = {}, preload?: Buffer): Promise<TestMount> {
-    mfs = new MemoryFs(opts);
-    if (preload) mfs.preload(0, preload);
-    t = await mountForTest(mfs, { rootIsFile: opts.rootIsFile ?? false });
-    return t;
-  }
-
-  /** A file outside the mount holding `bytes`, for cmp and dd. */
-  function outside(name: string, bytes: Buffer): string {
-    scratch ??= fs.mkdtempSync('/tmp/qcowfs-fuse-data-');
-    const p = path.join(scratch, name);
-    fs.writeFileSync(p, bytes);
-    return p;
-  }
-
-  function filePath(m: TestMount): string {
-    return path.join(m.mountpoint, mfs.fileName);
-  }
-
-  afterEach(async () => {
-    await cleanupMount(t);
-    t = undefined;
-    if (scratch) fs.rmSync(scratch, { recursive: true, force: true });
-    scratch = undefined;
-  });
-
-  it('can mount here (root and /dev/fuse)', () => {
-    expect(canMountKernel()).to.equal(true);
-  });
-
-  it('answers INIT with 1 MiB requests and shows up as fuse.<subtype>', async () => {
-    const m = await mountMemory();
-    const conn = m.mount.connection!;
-    expect(conn.protoMajor).to.equal(7);
-    expect(conn.protoMinor).to.be.at.least(24);
-    expect(conn.maxWrite).to.equal(MiB);
-    expect(conn.supportsLseek).to.equal(true);
-    expect(mfs.stats.init).to.deep.equal(conn);
-    const line = mountLine(m.mountpoint)!;
-    expect(line).to.match(/^qcowfs-test \S+ fuse\.qcowfs rw,/);
-    expect(line).to.contain('max_read=1048576');
-  });
-
-  it('stat and ls see the root directory and its file', async () => {
-    const m = await mountMemory({ initialSize: 0 }, randomBytes(3 * BLOCK + 100));
-    const st = (await shOk(`stat -c '%s %f %b %i %h' ${filePath(m)}`)).trim();
-    expect(st).to.equal(`${3 * BLOCK + 100} 81a4 32 2 1`);
-    const dir = (await shOk(`stat -c '%F %a' ${m.mountpoint}`)).trim();
-    expect(dir).to.equal('directory 755');
-    const ls = (await shOk(`ls -a1 ${m.mountpoint}`)).trim().split('\n');
-    expect(ls).to.deep.equal(['.', '..', 'disk.raw']);
-    expect(mfs.stats.readdirs).to.be.at.least(1);
-    const missing = await sh(`stat ${m.mountpoint}/nope`);
-    expect(missing.code).to.not.equal(0);
-    expect(missing.stderr).to.contain('No such file or directory');
-  });
-
-  it('cat/cmp read back the data, dd writes land in the filesystem', async () => {
-    const initial = randomBytes(2 * MiB + 12345);
-    const m = await mountMemory({}, initial);
-    const expected = outside('expected', initial);
-    await shOk(`cmp ${expected} ${filePath(m)}`);
-
-    const patch = randomBytes(300 * 1024);
-    const src = outside('patch', patch);
-    await shOk(`dd if=${src} of=${filePath(m)} bs=64k seek=3 conv=notrunc status=none`);
-    const want = Buffer.from(initial);
-    patch.copy(want, 3 * 65536);
-    expect(mfs.data.subarray(0, mfs.size).equals(want)).to.equal(true);
-    await shOk(`cmp ${outside('want', want)} ${filePath(m)}`);
-    expect(mfs.stats.writes).to.be.greaterThan(0);
-  });
-
-  it('truncate grows and shrinks the file through SETATTR', async () => {
-    const m = await mountMemory({}, randomBytes(BLOCK * 4));
-    await shOk(`truncate -s 10M ${filePath(m)}`);
-    expect(mfs.size).to.equal(10 * MiB);
-    expect((await shOk(`stat -c %s ${filePath(m)}`)).trim()).to.equal(String(10 * MiB));
-    await shOk(`truncate -s 1000 ${filePath(m)}`);
-    expect(mfs.size).to.equal(1000);
-    expect((await shOk(`wc -c < ${filePath(m)}`)).trim()).to.equal('1000');
-  });
-
-  it('answers SEEK_DATA / SEEK_HOLE from the filesystem', async () => {
-    const m = await mountMemory({ initialSize: MiB });
-    mfs.preload(0, randomBytes(BLOCK));
-    mfs.preload(64 * 1024, randomBytes(BLOCK));
-    const script = [
-      'import os, sys',
-      'fd = os.open(sys.argv[1], os.O_RDONLY)',
-      'out = [os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 4096, os.SEEK_DATA), os.lseek(fd, 65536, os.SEEK_HOLE)]',
-      'try:',
-      '    os.lseek(fd, 70000, os.SEEK_DATA); out.append("no-enxio")',
-      'except OSError as e:',
-      '    out.append(e.errno)',
-      'print(" ".join(map(str, out)))',
-    ].join('\n');
-    const py = outside('seek.py', Buffer.from(script));
-    const out = (await shOk(`python3 ${py} ${filePath(m)}`)).trim();
-    expect(out).to.equal(`4096 65536 69632 ${constants.errno.ENXIO}`);
-    expect(mfs.stats.lseeks.map((l) => l.whence)).to.include.members([3, 4]);
-  });
-
-  it('fallocate --punch-hole reaches the filesystem and reads back zeros', async () => {
-    const initial = randomBytes(MiB);
-    const m = await mountMemory({}, initial);
-    await shOk(`fallocate --punch-hole --offset 65536 --length 131072 ${filePath(m)}`);
-    expect(mfs.stats.fallocates).to.deep.equal([{ offset: 65536, length: 131072, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE }]);
-    expect(mfs.size).to.equal(MiB);
-    const want = Buffer.from(initial);
-    want.fill(0, 65536, 65536 + 131072);
-    await shOk(`cmp ${outside('want', want)} ${filePath(m)}`);
-    const holes = (await shOk(`python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 65536, os.SEEK_DATA))" ${filePath(m)}`)).trim();
-    expect(holes).to.equal(`65536 ${65536 + 131072}`);
-  });
-
-  it('fallocate without flags extends the file', async () => {
-    const m = await mountMemory({}, randomBytes(BLOCK));
-    await shOk(`fallocate -l 8M ${filePath(m)}`);
-    expect(mfs.size).to.equal(8 * MiB);
-    expect(mfs.stats.fallocates[0]).to.deep.equal({ offset: 0, length: 8 * MiB, mode: 0 });
-  });
-
-  it('serves concurrent reads in parallel', async () => {
-    const initial = randomBytes(8 * MiB);
-    const m = await mountMemory({ directIo: true, readDelayMs: 30 }, initial);
-    const expected = outside('expected', initial);
-    const jobs = Array.from({ length: 8 }, (_, i) =>
-      shOk(`dd if=${filePath(m)} bs=256k skip=${i * 4} count=4 status=none | cmp - ${expected} -i 0:${i * MiB} -n ${MiB}`));
-    await Promise.all(jobs);
-    expect(mfs.stats.peakInFlightReads).to.be.at.least(4);
-  });
-
-  it('passes 1 MiB reads and writes to the filesystem', async () => {
-    const m = await mountMemory({ directIo: true, initialSize: 0 });
-    const data = randomBytes(4 * MiB);
-    const src = outside('src', data);
-    await shOk(`dd if=${src} of=${filePath(m)} bs=1M count=4 status=none`);
-    expect(mfs.stats.maxWriteSize).to.equal(MiB);
-    expect(mfs.data.subarray(0, 4 * MiB).equals(data)).to.equal(true);
-    await shOk(`dd if=${filePath(m)} of=/dev/null bs=1M count=4 status=none`);
-    expect(mfs.stats.maxReadSize).to.equal(MiB);
-  });
-
-  it('buffered 1 MiB writes arrive as 1 MiB requests (big writes)', async () => {
-    const m = await mountMemory({ initialSize: 0 });
-    const src = outside('src', randomBytes(4 * MiB));
-    await shOk(`dd if=${src} of=${filePath(m)} bs=1M count=4 status=none`);
-    expect(mfs.stats.maxWriteSize).to.equal(MiB);
-  });
-
-  it('maps a handler error to an errno once, through errnoOf', async () => {
-    class Failing extends MemoryFs {
-      override async statfs(): Promise<Statfs> {
-        throw new Error('statfs is broken');
-      }
+    async function mountMemory(opts: MemoryFsOptions = {}, preload?: Buffer): Promise<TestMount> {
+      mfs = new MemoryFs(opts);
+      if (preload) mfs.preload(0, preload);
+      t = await mountForTest(mfs, { rootIsFile: opts.rootIsFile ?? false, pollDevice: mode === 'poll' });
+      expect(t.mount.session.readMode).to.equal(mode);
+      return t;
     }
-    mfs = new Failing();
-    const seen: unknown[] = [];
-    t = await mountForTest(mfs, {
-      errnoOf: (err) => {
-        seen.push(err);
-        return constants.errno.EACCES;
-      },
+
+    /** A file outside the mount holding `bytes`, for cmp and dd. */
+    function outside(name: string, bytes: Buffer): string {
+      scratch ??= fs.mkdtempSync('/tmp/qcowfs-fuse-data-');
+      const p = path.join(scratch, name);
+      fs.writeFileSync(p, bytes);
+      return p;
+    }
+
+    function filePath(m: TestMount): string {
+      return path.join(m.mountpoint, mfs.fileName);
+    }
+
+    afterEach(async () => {
+      await cleanupMount(t);
+      t = undefined;
+      if (scratch) fs.rmSync(scratch, { recursive: true, force: true });
+      scratch = undefined;
     });
-    const r = await sh(`stat -f ${t.mountpoint}`);
-    expect(r.code).to.not.equal(0);
-    expect(r.stderr).to.contain('Permission denied');
-    expect(seen.length).to.equal(1);
-    expect((seen[0] as Error).message).to.equal('statfs is broken');
-  });
 
-  it('aborts the signal of an interrupted request and answers it', async () => {
-    let aborted = 0;
-    let started = 0;
-    class Hanging extends MemoryFs {
-      override read(ctx: RequestContext): Promise<Buffer> {
-        started++;
-        return new Promise((_, reject) => {
-          ctx.signal!.addEventListener('abort', () => {
-            aborted++;
-            reject(new FuseErrno(constants.errno.EINTR));
+    it('can mount here (root and /dev/fuse)', () => {
+      expect(canMountKernel()).to.equal(true);
+    });
+
+    it('answers INIT with 1 MiB requests and shows up as fuse.<subtype>', async () => {
+      const m = await mountMemory();
+      const conn = m.mount.connection!;
+      expect(conn.protoMajor).to.equal(7);
+      expect(conn.protoMinor).to.be.at.least(24);
+      expect(conn.maxWrite).to.equal(MiB);
+      expect(conn.supportsLseek).to.equal(true);
+      expect(mfs.stats.init).to.deep.equal(conn);
+      const line = mountLine(m.mountpoint)!;
+      expect(line).to.match(/^qcowfs-test \S+ fuse\.qcowfs rw,/);
+      expect(line).to.contain('max_read=1048576');
+    });
+
+    it('stat and ls see the root directory and its file', async () => {
+      const m = await mountMemory({ initialSize: 0 }, randomBytes(3 * BLOCK + 100));
+      const st = (await shOk(`stat -c '%s %f %b %i %h' ${filePath(m)}`)).trim();
+      expect(st).to.equal(`${3 * BLOCK + 100} 81a4 32 2 1`);
+      const dir = (await shOk(`stat -c '%F %a' ${m.mountpoint}`)).trim();
+      expect(dir).to.equal('directory 755');
+      const ls = (await shOk(`ls -a1 ${m.mountpoint}`)).trim().split('\n');
+      expect(ls).to.deep.equal(['.', '..', 'disk.raw']);
+      expect(mfs.stats.readdirs).to.be.at.least(1);
+      const missing = await sh(`stat ${m.mountpoint}/nope`);
+      expect(missing.code).to.not.equal(0);
+      expect(missing.stderr).to.contain('No such file or directory');
+    });
+
+    it('cat/cmp read back the data, dd writes land in the filesystem', async () => {
+      const initial = randomBytes(2 * MiB + 12345);
+      const m = await mountMemory({}, initial);
+      const expected = outside('expected', initial);
+      await shOk(`cmp ${expected} ${filePath(m)}`);
+
+      const patch = randomBytes(300 * 1024);
+      const src = outside('patch', patch);
+      await shOk(`dd if=${src} of=${filePath(m)} bs=64k seek=3 conv=notrunc status=none`);
+      const want = Buffer.from(initial);
+      patch.copy(want, 3 * 65536);
+      expect(mfs.data.subarray(0, mfs.size).equals(want)).to.equal(true);
+      await shOk(`cmp ${outside('want', want)} ${filePath(m)}`);
+      expect(mfs.stats.writes).to.be.greaterThan(0);
+    });
+
+    it('truncate grows and shrinks the file through SETATTR', async () => {
+      const m = await mountMemory({}, randomBytes(BLOCK * 4));
+      await shOk(`truncate -s 10M ${filePath(m)}`);
+      expect(mfs.size).to.equal(10 * MiB);
+      expect((await shOk(`stat -c %s ${filePath(m)}`)).trim()).to.equal(String(10 * MiB));
+      await shOk(`truncate -s 1000 ${filePath(m)}`);
+      expect(mfs.size).to.equal(1000);
+      expect((await shOk(`wc -c < ${filePath(m)}`)).trim()).to.equal('1000');
+    });
+
+    it('answers SEEK_DATA / SEEK_HOLE from the filesystem', async () => {
+      const m = await mountMemory({ initialSize: MiB });
+      mfs.preload(0, randomBytes(BLOCK));
+      mfs.preload(64 * 1024, randomBytes(BLOCK));
+      const script = [
+        'import os, sys',
+        'fd = os.open(sys.argv[1], os.O_RDONLY)',
+        'out = [os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 4096, os.SEEK_DATA), os.lseek(fd, 65536, os.SEEK_HOLE)]',
+        'try:',
+        '    os.lseek(fd, 70000, os.SEEK_DATA); out.append("no-enxio")',
+        'except OSError as e:',
+        '    out.append(e.errno)',
+        'print(" ".join(map(str, out)))',
+      ].join('\n');
+      const py = outside('seek.py', Buffer.from(script));
+      const out = (await shOk(`python3 ${py} ${filePath(m)}`)).trim();
+      expect(out).to.equal(`4096 65536 69632 ${constants.errno.ENXIO}`);
+      expect(mfs.stats.lseeks.map((l) => l.whence)).to.include.members([3, 4]);
+    });
+
+    it('fallocate --punch-hole reaches the filesystem and reads back zeros', async () => {
+      const initial = randomBytes(MiB);
+      const m = await mountMemory({}, initial);
+      await shOk(`fallocate --punch-hole --offset 65536 --length 131072 ${filePath(m)}`);
+      expect(mfs.stats.fallocates).to.deep.equal([{ offset: 65536, length: 131072, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE }]);
+      expect(mfs.size).to.equal(MiB);
+      const want = Buffer.from(initial);
+      want.fill(0, 65536, 65536 + 131072);
+      await shOk(`cmp ${outside('want', want)} ${filePath(m)}`);
+      const holes = (await shOk(`python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 65536, os.SEEK_DATA))" ${filePath(m)}`)).trim();
+      expect(holes).to.equal(`65536 ${65536 + 131072}`);
+    });
+
+    it('fallocate without flags extends the file', async () => {
+      const m = await mountMemory({}, randomBytes(BLOCK));
+      await shOk(`fallocate -l 8M ${filePath(m)}`);
+      expect(mfs.size).to.equal(8 * MiB);
+      expect(mfs.stats.fallocates[0]).to.deep.equal({ offset: 0, length: 8 * MiB, mode: 0 });
+    });
+
+    it('serves concurrent reads in parallel', async () => {
+      const initial = randomBytes(8 * MiB);
+      const m = await mountMemory({ directIo: true, readDelayMs: 30 }, initial);
+      const expected = outside('expected', initial);
+      const jobs = Array.from({ length: 8 }, (_, i) =>
+        shOk(`dd if=${filePath(m)} bs=256k skip=${i * 4} count=4 status=none | cmp - ${expected} -i 0:${i * MiB} -n ${MiB}`));
+      await Promise.all(jobs);
+      expect(mfs.stats.peakInFlightReads).to.be.at.least(4);
+    });
+
+    it('passes 1 MiB reads and writes to the filesystem', async () => {
+      const m = await mountMemory({ directIo: true, initialSize: 0 });
+      const data = randomBytes(4 * MiB);
+      const src = outside('src', data);
+      await shOk(`dd if=${src} of=${filePath(m)} bs=1M count=4 status=none`);
+      expect(mfs.stats.maxWriteSize).to.equal(MiB);
+      expect(mfs.data.subarray(0, 4 * MiB).equals(data)).to.equal(true);
+      await shOk(`dd if=${filePath(m)} of=/dev/null bs=1M count=4 status=none`);
+      expect(mfs.stats.maxReadSize).to.equal(MiB);
+    });
+
+    it('buffered 1 MiB writes arrive as 1 MiB requests (big writes)', async () => {
+      const m = await mountMemory({ initialSize: 0 });
+      const src = outside('src', randomBytes(4 * MiB));
+      await shOk(`dd if=${src} of=${filePath(m)} bs=1M count=4 status=none`);
+      expect(mfs.stats.maxWriteSize).to.equal(MiB);
+    });
+
+    it('maps a handler error to an errno once, through errnoOf', async () => {
+      class Failing extends MemoryFs {
+        override async statfs(): Promise<Statfs> {
+          throw new Error('statfs is broken');
+        }
+      }
+      mfs = new Failing();
+      const seen: unknown[] = [];
+      t = await mountForTest(mfs, {
+        pollDevice: mode === 'poll',
+        errnoOf: (err) => {
+          seen.push(err);
+          return constants.errno.EACCES;
+        },
+      });
+      const r = await sh(`stat -f ${t.mountpoint}`);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr).to.contain('Permission denied');
+      expect(seen.length).to.equal(1);
+      expect((seen[0] as Error).message).to.equal('statfs is broken');
+    });
+
+    it('aborts the signal of an interrupted request and answers it', async () => {
+      let aborted = 0;
+      let started = 0;
+      class Hanging extends MemoryFs {
+        override read(ctx: RequestContext): Promise<Buffer> {
+          started++;
+          return new Promise((_, reject) => {
+            ctx.signal!.addEventListener('abort', () => {
+              aborted++;
+              reject(new FuseErrno(constants.errno.EINTR));
+            });
           });
-        });
+        }
       }
-    }
-    mfs = new Hanging({ directIo: true });
-    mfs.preload(0, randomBytes(BLOCK));
-    t = await mountForTest(mfs);
-    const began = Date.now();
-    const r = await sh(`timeout -s INT 1 cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`, 20_000);
-    expect(r.code).to.not.equal(0);
-    expect(Date.now() - began).to.be.below(10_000);
-    expect(started).to.equal(1);
-    expect(aborted).to.equal(1);
-  });
+      mfs = new Hanging({ directIo: true });
+      mfs.preload(0, randomBytes(BLOCK));
+      t = await mountForTest(mfs, { pollDevice: mode === 'poll' });
+      const began = Date.now();
+      const r = await sh(`timeout -s INT 1 cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`, 20_000);
+      expect(r.code).to.not.equal(0);
+      expect(Date.now() - began).to.be.below(10_000);
+      expect(started).to.equal(1);
+      expect(aborted).to.equal(1);
+    });
 
-  it('answers a request whose handler never settles (EIO after requestTimeoutMs)', async () => {
-    class Stuck extends MemoryFs {
-      override read(): Promise<Buffer> {
-        return new Promise(() => undefined);
+    it('answers a request whose handler never settles (EIO after requestTimeoutMs)', async () => {
+      class Stuck extends MemoryFs {
+        override read(): Promise<Buffer> {
+          return new Promise(() => undefined);
+        }
       }
-    }
-    mfs = new Stuck({ directIo: true });
-    mfs.preload(0, randomBytes(BLOCK));
-    t = await mountForTest(mfs, { requestTimeoutMs: 500 });
-    const r = await sh(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`, 20_000);
-    expect(r.code).to.not.equal(0);
-    expect(r.stderr).to.contain('Input/output error');
-  });
+      mfs = new Stuck({ directIo: true });
+      mfs.preload(0, randomBytes(BLOCK));
+      t = await mountForTest(mfs, { requestTimeoutMs: 500, pollDevice: mode === 'poll' });
+      const r = await sh(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`, 20_000);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr).to.contain('Input/output error');
+    });
 
-  it('unmount runs destroy and ends the session', async () => {
-    const m = await mountMemory({}, randomBytes(BLOCK));
-    await shOk(`cat ${filePath(m)} > /dev/null`);
-    await m.mount.unmount();
-    expect(isMounted(m.mountpoint)).to.equal(false);
-    expect(mfs.stats.destroyed).to.equal(1);
-    await m.mount.done;
-  });
-
-  it('an unmount from outside (umount) also ends the session', async () => {
-    const m = await mountMemory({}, randomBytes(BLOCK));
-    await shOk(`umount ${m.mountpoint}`);
-    await m.mount.done;
-    expect(mfs.stats.destroyed).to.equal(1);
-  });
-
-  it('refuses to unmount a busy mountpoint unless forced', async () => {
-    const m = await mountMemory({}, randomBytes(BLOCK));
-    const busy = holdBusy(m.mountpoint);
-    try {
-      await delay(200);
-      let code: string | undefined;
-      try {
-        await m.mount.unmount();
-      } catch (e) {
-        code = (e as { code?: string }).code;
-        expect((e as Error).message).to.contain('busy');
-      }
-      expect(code).to.equal('EBUSY');
-      expect(isMounted(m.mountpoint)).to.equal(true);
-      const forced = m.mount.unmount({ force: true });
-      await delay(200);
+    it('unmount runs destroy and ends the session', async () => {
+      const m = await mountMemory({}, randomBytes(BLOCK));
+      await shOk(`cat ${filePath(m)} > /dev/null`);
+      await m.mount.unmount();
       expect(isMounted(m.mountpoint)).to.equal(false);
-      busy.kill();
-      await busy.exited;
-      await forced;
       expect(mfs.stats.destroyed).to.equal(1);
-    } finally {
-      busy.kill();
-    }
-  });
+      await m.mount.done;
+    });
 
-  it('mounts read-only when asked: writes fail before reaching the filesystem', async () => {
-    mfs = new MemoryFs();
-    mfs.preload(0, randomBytes(BLOCK));
-    t = await mountForTest(mfs, { readOnly: true });
-    expect(mountLine(t.mountpoint)).to.match(/ fuse\.qcowfs ro,/);
-    const r = await sh(`dd if=/dev/zero of=${path.join(t.mountpoint, mfs.fileName)} bs=4k count=1 conv=notrunc status=none`);
-    expect(r.code).to.not.equal(0);
-    expect(r.stderr).to.contain('Read-only file system');
-    expect(mfs.stats.writes).to.equal(0);
-    await shOk(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`);
-  });
+    it('an unmount from outside (umount) also ends the session', async () => {
+      const m = await mountMemory({}, randomBytes(BLOCK));
+      await shOk(`umount ${m.mountpoint}`);
+      await m.mount.done;
+      expect(mfs.stats.destroyed).to.equal(1);
+    });
 
-  it('debug: one line per request on stderr with opcode, node, arguments and result', async () => {
-    const lines: string[] = [];
-    const write = process.stderr.write.bind(process.stderr);
-    mfs = new MemoryFs();
-    mfs.preload(0, randomBytes(BLOCK));
-    (process.stderr as { write: unknown }).write = (chunk: string | Uint8Array, ...rest: unknown[]) => {
-      if (String(chunk).startsWith('fuse #')) {
-        lines.push(String(chunk));
-        return true;
+    it('refuses to unmount a busy mountpoint unless forced', async () => {
+      const m = await mountMemory({}, randomBytes(BLOCK));
+      const busy = holdBusy(m.mountpoint);
+      try {
+        await delay(200);
+        let code: string | undefined;
+        try {
+          await m.mount.unmount();
+        } catch (e) {
+          code = (e as { code?: string }).code;
+          expect((e as Error).message).to.contain('busy');
+        }
+        expect(code).to.equal('EBUSY');
+        expect(isMounted(m.mountpoint)).to.equal(true);
+        const forced = m.mount.unmount({ force: true });
+        await delay(200);
+        expect(isMounted(m.mountpoint)).to.equal(false);
+        busy.kill();
+        await busy.exited;
+        await forced;
+        expect(mfs.stats.destroyed).to.equal(1);
+      } finally {
+        busy.kill();
       }
-      return (write as (...a: unknown[]) => boolean)(chunk, ...rest);
-    };
-    try {
-      t = await mountForTest(mfs, { debug: true });
-      await shOk(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null; cat ${t.mountpoint}/missing 2>/dev/null || true`);
-      await t.mount.unmount();
-    } finally {
-      (process.stderr as { write: unknown }).write = write;
-    }
-    expect(lines.some((l) => /^fuse #\d+ INIT node=0 kernel=7\.\d+ .* -> 7\.\d+ max_write=1048576 /.test(l))).to.equal(true);
-    expect(lines.some((l) => /^fuse #\d+ LOOKUP node=1 name="disk\.raw" -> ok \(\d+\.\d{3} ms\)\n$/.test(l))).to.equal(true);
-    expect(lines.some((l) => /^fuse #\d+ LOOKUP node=1 name="missing" -> ENOENT /.test(l))).to.equal(true);
-    expect(lines.some((l) => /^fuse #\d+ READ node=2 fh=\d+ offset=0 size=\d+ -> 4096 bytes /.test(l))).to.equal(true);
-  });
+    });
 
-  it('mounts over a regular file (rootIsFile)', async () => {
-    const initial = randomBytes(MiB + 7);
-    const m = await mountMemory({ rootIsFile: true }, initial);
-    expect(mountLine(m.mountpoint)).to.match(/ fuse\.qcowfs /);
-    const st = (await shOk(`stat -c '%F %s %i' ${m.mountpoint}`)).trim();
-    expect(st).to.equal(`regular file ${MiB + 7} 1`);
-    await shOk(`cmp ${outside('expected', initial)} ${m.mountpoint}`);
-    const patch = randomBytes(4096);
-    await shOk(`dd if=${outside('patch', patch)} of=${m.mountpoint} bs=4096 seek=2 conv=notrunc status=none`);
-    expect(mfs.data.subarray(8192, 12288).equals(patch)).to.equal(true);
-    const ls = await sh(`ls ${m.mountpoint}/`);
-    expect(ls.code).to.not.equal(0);
+    it('mounts read-only when asked: writes fail before reaching the filesystem', async () => {
+      mfs = new MemoryFs();
+      mfs.preload(0, randomBytes(BLOCK));
+      t = await mountForTest(mfs, { readOnly: true, pollDevice: mode === 'poll' });
+      expect(mountLine(t.mountpoint)).to.match(/ fuse\.qcowfs ro,/);
+      const r = await sh(`dd if=/dev/zero of=${path.join(t.mountpoint, mfs.fileName)} bs=4k count=1 conv=notrunc status=none`);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr).to.contain('Read-only file system');
+      expect(mfs.stats.writes).to.equal(0);
+      await shOk(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null`);
+    });
+
+    it('debug: one line per request on stderr with opcode, node, arguments and result', async () => {
+      const lines: string[] = [];
+      const write = process.stderr.write.bind(process.stderr);
+      mfs = new MemoryFs();
+      mfs.preload(0, randomBytes(BLOCK));
+      (process.stderr as { write: unknown }).write = (chunk: string | Uint8Array, ...rest: unknown[]) => {
+        if (String(chunk).startsWith('fuse #')) {
+          lines.push(String(chunk));
+          return true;
+        }
+        return (write as (...a: unknown[]) => boolean)(chunk, ...rest);
+      };
+      try {
+        t = await mountForTest(mfs, { debug: true, pollDevice: mode === 'poll' });
+        await shOk(`cat ${path.join(t.mountpoint, mfs.fileName)} > /dev/null; cat ${t.mountpoint}/missing 2>/dev/null || true`);
+        await t.mount.unmount();
+      } finally {
+        (process.stderr as { write: unknown }).write = write;
+      }
+      expect(lines.some((l) => /^fuse #\d+ INIT node=0 kernel=7\.\d+ .* -> 7\.\d+ max_write=1048576 /.test(l))).to.equal(true);
+      expect(lines.some((l) => /^fuse #\d+ LOOKUP node=1 name="disk\.raw" -> ok \(\d+\.\d{3} ms\)\n$/.test(l))).to.equal(true);
+      expect(lines.some((l) => /^fuse #\d+ LOOKUP node=1 name="missing" -> ENOENT /.test(l))).to.equal(true);
+      expect(lines.some((l) => /^fuse #\d+ READ node=2 fh=\d+ offset=0 size=\d+ -> 4096 bytes /.test(l))).to.equal(true);
+    });
+
+    it('mounts over a regular file (rootIsFile)', async () => {
+      const initial = randomBytes(MiB + 7);
+      const m = await mountMemory({ rootIsFile: true }, initial);
+      expect(mountLine(m.mountpoint)).to.match(/ fuse\.qcowfs /);
+      const st = (await shOk(`stat -c '%F %s %i' ${m.mountpoint}`)).trim();
+      expect(st).to.equal(`regular file ${MiB + 7} 1`);
+      await shOk(`cmp ${outside('expected', initial)} ${m.mountpoint}`);
+      const patch = randomBytes(4096);
+      await shOk(`dd if=${outside('patch', patch)} of=${m.mountpoint} bs=4096 seek=2 conv=notrunc status=none`);
+      expect(mfs.data.subarray(8192, 12288).equals(patch)).to.equal(true);
+      const ls = await sh(`ls ${m.mountpoint}/`);
+      expect(ls.code).to.not.equal(0);
+    });
   });
-});
+}
 
 describe('FUSE kernel transport: mount errors', () => {
   it('reports a missing mountpoint with code ENOENT', async () => {

@@ -1,0 +1,256 @@
+/*
+ * Non-blocking I/O for the event loop thread.
+ *
+ * Node cannot poll a character device, so without this module /dev/fuse is
+ * read by blocking reads parked on the libuv threadpool, and every request
+ * pays a hop to a pool thread and back. Here the device is watched with a
+ * uv_poll handle on the loop itself and read with non-blocking read(2).
+ *
+ * Image reads and writes are first tried with preadv2/pwritev2 and
+ * RWF_NOWAIT: when the data is in the page cache (or a write can be taken
+ * without waiting for writeback) it is done on the spot; otherwise the call
+ * answers -EAGAIN at once and the caller falls back to the threadpool.
+ *
+ *   setNonblock(fd)                          -> 0 or errno
+ *   readInto(fd, buf)                        -> bytes read, or -errno
+ *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
+ *   pwriteNowait(fd, buf, off, len, pos)     -> bytes written, or -errno
+ *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
+ *   pollStart(h) / pollStop(h) / pollClose(h)
+ *
+ * None of these throw for an I/O error: errors are returned as -errno so the
+ * hot path needs no exception handling. They throw only for bad arguments.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <uv.h>
+#include "qcowfs-native.h"
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+
+#define MAX_ARGS 5
+
+typedef struct {
+  napi_value argv[MAX_ARGS];
+  size_t argc;
+} args_t;
+
+static int get_args(napi_env env, napi_callback_info info, args_t *a, size_t need) {
+  a->argc = MAX_ARGS;
+  if (napi_get_cb_info(env, info, &a->argc, a->argv, NULL, NULL) != napi_ok || a->argc < need) return -1;
+  return 0;
+}
+
+static int get_int(napi_env env, napi_value v, int64_t *out) {
+  return napi_get_value_int64(env, v, out) == napi_ok ? 0 : -1;
+}
+
+static int get_buffer(napi_env env, napi_value v, char **data, size_t *len) {
+  void *p;
+  if (napi_get_buffer_info(env, v, &p, len) != napi_ok) return -1;
+  *data = p;
+  return 0;
+}
+
+static napi_value SetNonblock(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd;
+  if (get_args(env, info, &a, 1) || get_int(env, a.argv[0], &fd)) {
+    napi_throw_type_error(env, NULL, "setNonblock(fd)");
+    return NULL;
+  }
+  int flags = fcntl((int)fd, F_GETFL);
+  if (flags < 0 || fcntl((int)fd, F_SETFL, flags | O_NONBLOCK) < 0) return native_number(env, errno);
+  return native_number(env, 0);
+}
+
+static napi_value ReadInto(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd;
+  char *data;
+  size_t len;
+  if (get_args(env, info, &a, 2) || get_int(env, a.argv[0], &fd) || get_buffer(env, a.argv[1], &data, &len)) {
+    napi_throw_type_error(env, NULL, "readInto(fd, buffer)");
+    return NULL;
+  }
+  ssize_t n = read((int)fd, data, len);
+  return native_number(env, n < 0 ? -errno : n);
+}
+
+/* Shared argument checks of preadNowait / pwriteNowait. */
+static int positioned_args(napi_env env, napi_callback_info info, int64_t *fd, struct iovec *iov, int64_t *pos) {
+  args_t a;
+  int64_t off, len;
+  char *data;
+  size_t size;
+  if (get_args(env, info, &a, 5) || get_int(env, a.argv[0], fd) || get_buffer(env, a.argv[1], &data, &size) ||
+      get_int(env, a.argv[2], &off) || get_int(env, a.argv[3], &len) || get_int(env, a.argv[4], pos)) {
+    return -1;
+  }
+  if (off < 0 || len < 0 || (uint64_t)off + (uint64_t)len > size || *pos < 0) return -1;
+  iov->iov_base = data + off;
+  iov->iov_len = (size_t)len;
+  return 0;
+}
+
+static napi_value PreadNowait(napi_env env, napi_callback_info info) {
+  int64_t fd, pos;
+  struct iovec iov;
+  if (positioned_args(env, info, &fd, &iov, &pos)) {
+    napi_throw_type_error(env, NULL, "preadNowait(fd, buffer, offset, length, position)");
+    return NULL;
+  }
+  ssize_t n = preadv2((int)fd, &iov, 1, pos, RWF_NOWAIT);
+  return native_number(env, n < 0 ? -errno : n);
+}
+
+static napi_value PwriteNowait(napi_env env, napi_callback_info info) {
+  int64_t fd, pos;
+  struct iovec iov;
+  if (positioned_args(env, info, &fd, &iov, &pos)) {
+    napi_throw_type_error(env, NULL, "pwriteNowait(fd, buffer, offset, length, position)");
+    return NULL;
+  }
+  ssize_t n = pwritev2((int)fd, &iov, 1, pos, RWF_NOWAIT);
+  return native_number(env, n < 0 ? -errno : n);
+}
+
+/* --- polling ------------------------------------------------------------- */
+
+typedef struct {
+  uv_poll_t handle;
+  napi_env env;
+  napi_ref callback;
+  napi_async_context context;
+  int active;
+  int closing;
+} poller_t;
+
+static void on_poll(uv_poll_t *handle, int status, int events) {
+  (void)events;
+  poller_t *p = handle->data;
+  napi_env env = p->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value fn, recv, arg, result;
+  napi_get_reference_value(env, p->callback, &fn);
+  napi_get_global(env, &recv);
+  napi_create_int32(env, status, &arg);
+  if (napi_make_callback(env, p->context, recv, fn, 1, &arg, &result) == napi_pending_exception) {
+    napi_value err;
+    napi_get_and_clear_last_exception(env, &err);
+    napi_fatal_exception(env, err);
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+static void on_closed(uv_handle_t *handle) {
+  free(handle->data);
+}
+
+static poller_t *get_poller(napi_env env, napi_callback_info info) {
+  args_t a;
+  void *p = NULL;
+  if (get_args(env, info, &a, 1) || napi_get_value_external(env, a.argv[0], &p) != napi_ok || p == NULL) {
+    napi_throw_type_error(env, NULL, "expected a poll handle");
+    return NULL;
+  }
+  poller_t *poller = p;
+  if (poller->closing) {
+    napi_throw_error(env, NULL, "the poll handle is closed");
+    return NULL;
+  }
+  return poller;
+}
+
+static napi_value PollCreate(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd;
+  napi_valuetype type;
+  if (get_args(env, info, &a, 2) || get_int(env, a.argv[0], &fd) || napi_typeof(env, a.argv[1], &type) != napi_ok ||
+      type != napi_function) {
+    napi_throw_type_error(env, NULL, "pollCreate(fd, callback)");
+    return NULL;
+  }
+  uv_loop_t *loop;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) {
+    napi_throw_error(env, NULL, "no event loop");
+    return NULL;
+  }
+  poller_t *p = calloc(1, sizeof *p);
+  if (p == NULL) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  int r = uv_poll_init(loop, &p->handle, (int)fd);
+  if (r != 0) {
+    free(p);
+    napi_throw_error(env, uv_err_name(r), uv_strerror(r));
+    return NULL;
+  }
+  p->handle.data = p;
+  p->env = env;
+  napi_value name, resource;
+  napi_create_string_utf8(env, "qcowfs.poll", NAPI_AUTO_LENGTH, &name);
+  napi_create_object(env, &resource);
+  napi_create_reference(env, a.argv[1], 1, &p->callback);
+  napi_async_init(env, resource, name, &p->context);
+  napi_value ext;
+  napi_create_external(env, p, NULL, NULL, &ext);
+  return ext;
+}
+
+static napi_value PollStart(napi_env env, napi_callback_info info) {
+  poller_t *p = get_poller(env, info);
+  if (p == NULL) return NULL;
+  if (!p->active) {
+    int r = uv_poll_start(&p->handle, UV_READABLE, on_poll);
+    if (r != 0) return native_number(env, r);
+    p->active = 1;
+  }
+  return native_number(env, 0);
+}
+
+static napi_value PollStop(napi_env env, napi_callback_info info) {
+  poller_t *p = get_poller(env, info);
+  if (p == NULL) return NULL;
+  if (p->active) {
+    uv_poll_stop(&p->handle);
+    p->active = 0;
+  }
+  return native_number(env, 0);
+}
+
+static napi_value PollClose(napi_env env, napi_callback_info info) {
+  args_t a;
+  void *ptr = NULL;
+  if (get_args(env, info, &a, 1) || napi_get_value_external(env, a.argv[0], &ptr) != napi_ok || ptr == NULL) {
+    napi_throw_type_error(env, NULL, "pollClose(handle)");
+    return NULL;
+  }
+  poller_t *p = ptr;
+  if (p->closing) return native_number(env, 0);
+  p->closing = 1;
+  p->active = 0;
+  napi_delete_reference(env, p->callback);
+  napi_async_destroy(env, p->context);
+  uv_close((uv_handle_t *)&p->handle, on_closed);
+  return native_number(env, 0);
+}
+
+void register_fast_io(napi_env env, napi_value exports) {
+  native_export(env, exports, "setNonblock", SetNonblock);
+  native_export(env, exports, "readInto", ReadInto);
+  native_export(env, exports, "preadNowait", PreadNowait);
+  native_export(env, exports, "pwriteNowait", PwriteNowait);
+  native_export(env, exports, "pollCreate", PollCreate);
+  native_export(env, exports, "pollStart", PollStart);
+  native_export(env, exports, "pollStop", PollStop);
+  native_export(env, exports, "pollClose", PollClose);
+}

@@ -1,0 +1,47 @@
+/**
+ * The native module (native/*.c, built by node-gyp into build/Release):
+ * what Node's fs module cannot do. qcowfs works without it, more slowly and
+ * without QEMU's image locks; loadNative() returns null then.
+ */
+import * as path from 'path';
+
+export interface NativeModule {
+  /** fcntl(F_OFD_SETLK) on one range: 0 or an errno. type: 0 unlock, 1 read, 2 write. */
+  setLock(fd: number, start: number, length: number, type: number): number;
+  /** fcntl(F_OFD_GETLK): 0 if the lock could be taken, 1 if not, or -errno. */
+  testLock(fd: number, start: number, length: number, exclusive: number): number;
+  /** Set O_NONBLOCK: 0 or an errno. */
+  setNonblock(fd: number): number;
+  /** read(2) into the whole buffer: bytes read or -errno. */
+  readInto(fd: number, buf: Buffer): number;
+  /** preadv2(RWF_NOWAIT): bytes read or -errno (-EAGAIN when it would wait for the disk). */
+  preadNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
+  /** pwritev2(RWF_NOWAIT): bytes written or -errno (-EAGAIN when it would wait). */
+  pwriteNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
+  /** Watch fd on the event loop; the callback gets 0 or a negative libuv status. */
+  pollCreate(fd: number, callback: (status: number) => void): PollHandle;
+  pollStart(h: PollHandle): number;
+  pollStop(h: PollHandle): number;
+  pollClose(h: PollHandle): number;
+}
+
+/** An opaque uv_poll handle. */
+export type PollHandle = { readonly __poll: unique symbol };
+
+let loaded: NativeModule | null | undefined;
+
+/** The native module, or null if it was not built. Set QCOWFS_NO_NATIVE=1 to pretend it was not. */
+export function loadNative(): NativeModule | null {
+  if (loaded !== undefined) return loaded;
+  if (process.env.QCOWFS_NO_NATIVE === '1') {
+    loaded = null;
+    return loaded;
+  }
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    loaded = require(path.resolve(__dirname, '../../../build/Release/qcowfs_native.node')) as NativeModule;
+  } catch {
+    loaded = null;
+  }
+  return loaded;
+}
