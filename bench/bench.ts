@@ -5,6 +5,10 @@
  * not the absolute numbers, on a shared machine.
  *
  *   npm run bench [-- --quick] [-- --runs N] [-- --size-gib N] [-- --out FILE]
+ *                 [-- --only seqread,randread,seqwrite,randwrite,sparse,compressed,ext4,memory]
+ *
+ * --only runs just the named workloads (a partial run is printed, never
+ * written to RESULTS.md).
  *
  * Needs root (drop_caches, losetup, mounts), qemu-img, qemu-io,
  * qemu-storage-daemon and fio (scripts/install-deps.sh installs them).
@@ -19,10 +23,13 @@ const BIN = path.join(ROOT, 'bin/qcowfs');
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
-interface Args { quick: boolean; runs: number; sizeGiB: number; out: string; seconds: number }
+const WORKLOADS = ['seqread', 'randread', 'seqwrite', 'randwrite', 'sparse', 'compressed', 'ext4', 'memory'] as const;
+type Workload = (typeof WORKLOADS)[number];
+
+interface Args { quick: boolean; runs: number; sizeGiB: number; out: string; seconds: number; only: Set<Workload> | null }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, runs: 3, sizeGiB: 4, out: path.join(ROOT, 'bench/RESULTS.md'), seconds: 8 };
+  const a: Args = { quick: false, runs: 3, sizeGiB: 4, out: path.join(ROOT, 'bench/RESULTS.md'), seconds: 8, only: null };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     if (k === '--quick') { a.quick = true; a.runs = 1; a.sizeGiB = 0.25; a.seconds = 2; }
@@ -30,6 +37,12 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--size-gib') a.sizeGiB = Number(argv[++i]);
     else if (k === '--seconds') a.seconds = Number(argv[++i]);
     else if (k === '--out') a.out = path.resolve(argv[++i]);
+    else if (k === '--only') {
+      const names = (argv[++i] ?? '').split(',').filter(Boolean);
+      const bad = names.filter((n) => !(WORKLOADS as readonly string[]).includes(n));
+      if (bad.length > 0 || names.length === 0) throw new Error(`--only takes a list of: ${WORKLOADS.join(', ')}`);
+      a.only = new Set(names as Workload[]);
+    }
     else throw new Error(`unknown option ${k}`);
   }
   return a;
@@ -129,9 +142,29 @@ function fio(file: string, opts: string[]): { iops: number; bw: number } {
 
 interface Row { name: string; unit: string; qcowfs: number; qemu: number; raw?: number; higherIsBetter: boolean }
 
+/** Stop early, with one line, when a tool the benchmark runs is missing. */
+function preflight(): void {
+  if (process.getuid?.() !== 0) fail('the benchmark needs root (drop_caches, losetup, mounts)');
+  const missing = ['qemu-img', 'qemu-io', 'qemu-storage-daemon', 'fio', 'losetup', 'mkfs.ext4', 'dd', 'tar']
+    .filter((t) => spawnSync('sh', ['-c', `command -v ${t}`]).status !== 0);
+  if (missing.length > 0) fail(`missing tools: ${missing.join(', ')} (scripts/install-deps.sh installs them)`);
+  if (!fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'))) fail('qcowfs is not built (npm run build)');
+}
+
+function fail(message: string): never {
+  process.stderr.write(`bench: ${message}\n`);
+  process.exit(2);
+}
+
 function main(): void {
-  const a = parseArgs(process.argv.slice(2));
-  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (drop_caches, losetup, mounts)');
+  let a: Args;
+  try {
+    a = parseArgs(process.argv.slice(2));
+  } catch (e) {
+    fail((e as Error).message);
+  }
+  preflight();
+  const want = (w: Workload): boolean => a.only === null || a.only.has(w);
   const work = fs.mkdtempSync(path.join('/var/tmp', 'qcowfs-bench-'));
   const rows: Row[] = [];
   const log = (s: string) => process.stderr.write(`${s}\n`);
@@ -151,7 +184,7 @@ function main(): void {
     sh('fio', ['--name=fill', `--filename=${raw}`, `--size=${size}`, '--rw=write', '--bs=1M', '--refill_buffers=1', '--buffer_compress_percentage=50', '--output=/dev/null']);
     sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, full]);
     const compressed = path.join(work, 'compressed.qcow2');
-    sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
+    if (want('compressed')) sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
 
     const measure = (name: string, unit: string, higherIsBetter: boolean, withRaw: boolean, run: (s: Served, kind: string) => number, image = full) => {
       const res: Record<string, number[]> = { qcowfs: [], qemu: [], raw: [] };
@@ -173,18 +206,18 @@ function main(): void {
 
     // 1. Sequential read, 1 MiB requests, cold cache.
     const peak: Record<string, number> = {};
-    measure('sequential read 1M (cold)', 'MB/s', true, true, (s, kind) => {
+    if (want('seqread')) measure('sequential read 1M (cold)', 'MB/s', true, true, (s, kind) => {
       dropCaches();
       const t = seconds(() => sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', `count=${size / MiB}`]));
       if (s.pid) peak[`seqread-${kind}`] = Math.max(peak[`seqread-${kind}`] ?? 0, peakRssMiB(s.pid));
       return size / t / 1e6;
     });
     // 2. Random 4 KiB reads.
-    measure('random read 4K, iodepth 1', 'IOPS', true, true, (s) => {
+    if (want('randread')) measure('random read 4K, iodepth 1', 'IOPS', true, true, (s) => {
       dropCaches();
       return fio(s.file, ['--rw=randread', '--bs=4k', '--ioengine=psync', '--direct=1', '--time_based', `--runtime=${a.seconds}`]).iops;
     });
-    measure('random read 4K, iodepth 16', 'IOPS', true, true, (s) => {
+    if (want('randread')) measure('random read 4K, iodepth 16', 'IOPS', true, true, (s) => {
       dropCaches();
       return fio(s.file, ['--rw=randread', '--bs=4k', '--ioengine=libaio', '--iodepth=16', '--direct=1', '--time_based', `--runtime=${a.seconds}`]).iops;
     });
@@ -198,90 +231,98 @@ function main(): void {
     };
     const res3: Record<string, number[]> = { qcowfs: [], qemu: [] };
     const res4: Record<string, number[]> = { qcowfs: [], qemu: [] };
+    const once = (kind: 'qcowfs' | 'qemu', run: (s: Served) => void): void => {
+      const s = serve(kind, fresh());
+      try {
+        run(s);
+      } finally {
+        stop(s);
+      }
+    };
     for (let r = 0; r < a.runs; r++) {
       for (const kind of ['qcowfs', 'qemu'] as const) {
-        let s = serve(kind, fresh());
-        try {
+        if (want('seqwrite')) once(kind, (s) => {
           const t = seconds(() => sh('fio', ['--name=w', `--filename=${s.file}`, '--rw=write', '--bs=1M', `--size=${writeSize}`, '--end_fsync=1', '--ioengine=psync', '--output=/dev/null']));
           res3[kind].push(writeSize / t / 1e6);
           peak[`seqwrite-${kind}`] = Math.max(peak[`seqwrite-${kind}`] ?? 0, peakRssMiB(s.pid));
-        } finally {
-          stop(s);
-        }
-        s = serve(kind, fresh());
-        try {
+        });
+        if (want('randwrite')) once(kind, (s) => {
           res4[kind].push(fio(s.file, ['--rw=randwrite', '--bs=4k', '--ioengine=psync', `--size=${Math.min(256 * MiB, size)}`, '--time_based', `--runtime=${a.seconds}`, '--end_fsync=1']).iops);
-        } finally {
-          stop(s);
-        }
+        });
       }
     }
-    rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true });
-    rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true });
+    if (want('seqwrite')) rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true });
+    if (want('randwrite')) rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true });
     log(`writes: ${JSON.stringify({ res3, res4 })}`);
     // 5. cp --sparse=always of a 64 GiB image holding 256 MiB of data.
-    const sparse = path.join(work, 'sparse.qcow2');
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', sparse, '64G']);
-    const cmds: string[] = [];
-    for (let i = 0; i < 16; i++) cmds.push('-c', `write -P ${i + 1} ${i * 4}G 16M`);
-    sh('qemu-io', ['-f', 'qcow2', ...cmds, sparse]);
-    measure('cp --sparse=always, 64 GiB with 256 MiB data', 's', false, false, (s) => {
-      const out = path.join(work, 'copy.raw');
-      fs.rmSync(out, { force: true });
-      dropCaches();
-      const t = seconds(() => sh('cp', ['--sparse=always', s.file, out]));
-      fs.rmSync(out, { force: true });
-      return t;
-    }, sparse);
+    if (want('sparse')) {
+      const sparse = path.join(work, 'sparse.qcow2');
+      sh('qemu-img', ['create', '-q', '-f', 'qcow2', sparse, '64G']);
+      const cmds: string[] = [];
+      for (let i = 0; i < 16; i++) cmds.push('-c', `write -P ${i + 1} ${i * 4}G 16M`);
+      sh('qemu-io', ['-f', 'qcow2', ...cmds, sparse]);
+      measure('cp --sparse=always, 64 GiB with 256 MiB data', 's', false, false, (s) => {
+        const out = path.join(work, 'copy.raw');
+        fs.rmSync(out, { force: true });
+        dropCaches();
+        const t = seconds(() => sh('cp', ['--sparse=always', s.file, out]));
+        fs.rmSync(out, { force: true });
+        return t;
+      }, sparse);
+    }
     // 6. Sequential read of a compressed image.
-    measure('sequential read, zlib-compressed image', 'MB/s', true, false, (s) => {
+    if (want('compressed')) measure('sequential read, zlib-compressed image', 'MB/s', true, false, (s) => {
       dropCaches();
       const t = seconds(() => sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M']));
       return size / t / 1e6;
     }, compressed);
     // 7. Loop-mounted ext4: untar a tree of small files, sync, read it back.
-    const tree = path.join(work, 'tree');
-    const files = a.quick ? 500 : 3000;
-    for (let d = 0; d < files / 100; d++) {
-      fs.mkdirSync(path.join(tree, `d${d}`), { recursive: true });
-      for (let f = 0; f < 100; f++) fs.writeFileSync(path.join(tree, `d${d}`, `f${f}`), Buffer.alloc(1024 + ((d * 100 + f) % 16) * 512, d + f));
-    }
-    const tarball = path.join(work, 'tree.tar');
-    sh('tar', ['cf', tarball, '-C', tree, '.']);
-    measure(`ext4 on loop: untar ${files} files, sync, read back`, 's', false, false, (s) => {
-      const loop = sh('losetup', ['--find', '--show', s.file]).trim();
-      const m = fs.mkdtempSync(path.join(work, 'ext4-'));
-      try {
-        sh('mkfs.ext4', ['-q', '-F', loop]);
-        sh('mount', [loop, m]);
-        const t = seconds(() => {
-          sh('tar', ['xf', tarball, '-C', m]);
-          sh('sync', []);
-          dropCaches();
-          sh('tar', ['cf', '/dev/null', '-C', m, '.']);
-        });
-        return t;
-      } finally {
-        sh('umount', [m], { allowFail: true });
-        sh('losetup', ['-d', loop], { allowFail: true });
-        fs.rmSync(m, { recursive: true, force: true });
+    if (want('ext4')) {
+      const tree = path.join(work, 'tree');
+      const files = a.quick ? 500 : 3000;
+      for (let d = 0; d < files / 100; d++) {
+        fs.mkdirSync(path.join(tree, `d${d}`), { recursive: true });
+        for (let f = 0; f < 100; f++) fs.writeFileSync(path.join(tree, `d${d}`, `f${f}`), Buffer.alloc(1024 + ((d * 100 + f) % 16) * 512, d + f));
       }
-    }, fresh());
+      const tarball = path.join(work, 'tree.tar');
+      sh('tar', ['cf', tarball, '-C', tree, '.']);
+      measure(`ext4 on loop: untar ${files} files, sync, read back`, 's', false, false, (s) => {
+        const loop = sh('losetup', ['--find', '--show', s.file]).trim();
+        const m = fs.mkdtempSync(path.join(work, 'ext4-'));
+        try {
+          sh('mkfs.ext4', ['-q', '-F', loop]);
+          sh('mount', [loop, m]);
+          const t = seconds(() => {
+            sh('tar', ['xf', tarball, '-C', m]);
+            sh('sync', []);
+            dropCaches();
+            sh('tar', ['cf', '/dev/null', '-C', m, '.']);
+          });
+          return t;
+        } finally {
+          sh('umount', [m], { allowFail: true });
+          sh('losetup', ['-d', loop], { allowFail: true });
+          fs.rmSync(m, { recursive: true, force: true });
+        }
+      }, fresh());
+    }
     // 8. Peak memory on a 1 TiB sparse image.
-    const tib = path.join(work, 'tib.qcow2');
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', tib, '1T']);
-    for (const kind of ['qcowfs', 'qemu'] as const) {
-      const s = serve(kind, tib);
-      try {
-        sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', 'count=64', 'skip=500000']);
-        peak[`tib-${kind}`] = peakRssMiB(s.pid);
-      } finally {
-        stop(s);
+    if (want('memory')) {
+      const tib = path.join(work, 'tib.qcow2');
+      sh('qemu-img', ['create', '-q', '-f', 'qcow2', tib, '1T']);
+      for (const kind of ['qcowfs', 'qemu'] as const) {
+        const s = serve(kind, tib);
+        try {
+          sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', 'count=64', 'skip=500000']);
+          peak[`tib-${kind}`] = peakRssMiB(s.pid);
+        } finally {
+          stop(s);
+        }
       }
     }
     const text = report(a, rows, peak);
     process.stdout.write(text);
-    if (!a.quick) fs.writeFileSync(a.out, text);
+    if (!a.quick && a.only === null) fs.writeFileSync(a.out, text);
   } finally {
     for (const s of [...running]) s.stop();
     fs.rmSync(work, { recursive: true, force: true });

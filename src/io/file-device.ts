@@ -36,6 +36,8 @@ export class FileDevice implements BlockDevice {
    * the host filesystem cannot.
    */
   private nowait: NativeModule | null = loadNative();
+  /** Written to (or resized) since the last completed fdatasync: flush() has something to do. */
+  private unsynced = false;
 
   private constructor(
     readonly fd: number,
@@ -95,6 +97,7 @@ export class FileDevice implements BlockDevice {
   }
 
   async pwrite(buf: Buffer, offset: number): Promise<void> {
+    this.unsynced = true;
     if (buf.length <= SYNC_WRITE_MAX) {
       // A small write only copies into the page cache: doing it here saves a thread-pool round trip.
       let n = 0;
@@ -109,11 +112,20 @@ export class FileDevice implements BlockDevice {
     if (offset + buf.length > this.length) this.length = offset + buf.length;
   }
 
+  /** fdatasync, skipped when nothing was written since the last one (FUSE sends FLUSH on every close). */
   async flush(): Promise<void> {
-    if (!this.readOnly) await call<void>((cb) => fs.fdatasync(this.fd, cb));
+    if (this.readOnly || !this.unsynced) return;
+    this.unsynced = false; // writes landing during the sync set it again
+    try {
+      await call<void>((cb) => fs.fdatasync(this.fd, cb));
+    } catch (err) {
+      this.unsynced = true;
+      throw err;
+    }
   }
 
   async truncate(size: number): Promise<void> {
+    this.unsynced = true;
     await call<void>((cb) => fs.ftruncate(this.fd, size, cb));
     this.length = size;
   }

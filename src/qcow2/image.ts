@@ -115,7 +115,7 @@ export class Qcow2Image implements Layer {
   private refcounts: RefcountManager | null = null;
   private readonly lock = new RwLock();
   private pendingFrees: number[] = [];
-  private readonly compressedCache = new Map<number, Buffer>();
+  private readonly compressedCache = new Map<number, Promise<Buffer>>();
   private readOnlyReason: string | null;
   private closed = false;
   private dirtyBitSet = false;
@@ -535,14 +535,40 @@ export class Qcow2Image implements Layer {
     }
   }
 
+  /**
+   * Look up every run of the range, then read them all at once: the host
+   * reads of a fragmented range and the decompression of its compressed
+   * clusters overlap. Every run settles before this returns, so nothing
+   * writes into `buf` after a failure has been reported.
+   */
   private async readGuest(buf: Buffer, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const run = await this.lookup(offset + done, buf.length - done);
-      const part = buf.subarray(done, done + run.length);
-      await this.readRun(run, part, offset + done);
-      done += run.length;
+    const run = await this.lookup(offset, buf.length);
+    if (run.length === buf.length) return this.readRun(run, buf, offset);
+
+    const reads: Promise<void>[] = [];
+    const start = (r: Run, at: number): void => {
+      const p = this.readRun(r, buf.subarray(at, at + r.length), offset + at);
+      p.catch(() => undefined); // observed below, once every run has settled
+      reads.push(p);
+    };
+    start(run, 0);
+    let done = run.length;
+    let lookupFailed = false;
+    let lookupError: unknown;
+    try {
+      while (done < buf.length) {
+        const next = await this.lookup(offset + done, buf.length - done);
+        start(next, done);
+        done += next.length;
+      }
+    } catch (err) {
+      lookupFailed = true;
+      lookupError = err;
     }
+    const results = await Promise.allSettled(reads);
+    if (lookupFailed) throw lookupError;
+    const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (bad) throw bad.reason;
   }
 
   private async readRun(run: Run, part: Buffer, guestOffset: number): Promise<void> {
@@ -580,23 +606,35 @@ export class Qcow2Image implements Layer {
     if (n < part.length) part.fill(0, n);
   }
 
-  private async compressedCluster(d: { hostOffset: number; compressedSize: number }): Promise<Buffer> {
+  /**
+   * One compressed cluster, decompressed. Recent clusters are kept (small
+   * reads walk through one cluster several times), and a cluster being
+   * decompressed is shared by every read that wants it.
+   */
+  private compressedCluster(d: { hostOffset: number; compressedSize: number }): Promise<Buffer> {
     const cached = this.compressedCache.get(d.hostOffset);
     if (cached) return cached;
-    const raw = Buffer.alloc(d.compressedSize);
-    await readFull(this.dataDev === this.dev ? this.dev : this.dev, raw, d.hostOffset);
-    let out: Buffer;
+    const p = this.decompress(d);
+    this.compressedCache.set(d.hostOffset, p);
+    p.catch(() => {
+      if (this.compressedCache.get(d.hostOffset) === p) this.compressedCache.delete(d.hostOffset);
+    });
+    if (this.compressedCache.size > COMPRESSED_CACHE_CLUSTERS) {
+      this.compressedCache.delete(this.compressedCache.keys().next().value as number);
+    }
+    return p;
+  }
+
+  private async decompress(d: { hostOffset: number; compressedSize: number }): Promise<Buffer> {
+    // Compressed clusters always live in the image file, never in an external data file.
+    const raw = Buffer.allocUnsafe(d.compressedSize);
+    await readFull(this.dev, raw, d.hostOffset);
     try {
-      out = decompressCluster(this.header.compressionType, raw, this.clusterSize);
+      return decompressCluster(this.header.compressionType, raw, this.clusterSize);
     } catch (err) {
       if (err instanceof DecompressionError) throw new CorruptImageError('compressed cluster', d.hostOffset, err.message);
       throw err;
     }
-    this.compressedCache.set(d.hostOffset, out);
-    if (this.compressedCache.size > COMPRESSED_CACHE_CLUSTERS) {
-      this.compressedCache.delete(this.compressedCache.keys().next().value as number);
-    }
-    return out;
   }
 
   // ---------------------------------------------------------------- block status
