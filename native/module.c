@@ -3,6 +3,7 @@
  *   ofd-lock.c  QEMU-compatible image locks (fcntl F_OFD_SETLK / F_OFD_GETLK)
  *   fast-io.c   non-blocking I/O: polling /dev/fuse on the event loop, and
  *               page-cache reads and writes that never wait for the disk
+ *   inflate.c   compressed clusters inflated on the threadpool
  */
 #include "qcowfs-native.h"
 
@@ -21,5 +22,6 @@ void native_export(napi_env env, napi_value exports, const char *name, napi_call
 NAPI_MODULE_INIT() {
   register_ofd_lock(env, exports);
   register_fast_io(env, exports);
+  register_inflate(env, exports);
   return exports;
 }

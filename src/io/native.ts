@@ -18,6 +18,8 @@ export interface NativeModule {
   preadNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
   /** pwritev2(RWF_NOWAIT): bytes written or -errno (-EAGAIN when it would wait). */
   pwriteNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
+  /** Inflate raw deflate `src` into all of `dst` on the threadpool (QEMU's rule: dst exactly filled). */
+  inflateCluster(src: Buffer, dst: Buffer, callback: (ok: boolean, message: string) => void): void;
   /** Watch fd on the event loop; the callback gets 0 or a negative libuv status. */
   pollCreate(fd: number, callback: (status: number) => void): PollHandle;
   pollStart(h: PollHandle): number;

@@ -6,6 +6,7 @@
 import * as zlib from 'zlib';
 import { Decompress as ZstdStream } from 'fzstd';
 import { QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD } from './constants';
+import { loadNative } from '../io/native';
 
 export class DecompressionError extends Error {}
 
@@ -47,6 +48,32 @@ export function decompressCluster(type: number, data: Buffer, clusterSize: numbe
     return out;
   }
   throw new DecompressionError(`unknown compression type ${type}`);
+}
+
+/**
+ * decompressCluster off the event loop where it can be: zlib clusters are
+ * inflated on the threadpool by the native module (so the clusters of one
+ * large read inflate in parallel), with QEMU's rule that the stream fills
+ * the cluster exactly. zstd, and zlib without the native module, run inline.
+ * With `into` (one cluster long) the cluster is decompressed there.
+ */
+export function decompressClusterAsync(type: number, data: Buffer, clusterSize: number, into?: Buffer): Promise<Buffer> {
+  if (into !== undefined && into.length !== clusterSize) throw new RangeError('the output buffer must hold one cluster');
+  const native = type === QCOW2_COMPRESSION_TYPE_ZLIB ? loadNative() : null;
+  if (native === null) {
+    try {
+      const out = decompressCluster(type, data, clusterSize);
+      if (into === undefined) return Promise.resolve(out);
+      out.copy(into);
+      return Promise.resolve(into);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+  const out = into ?? Buffer.allocUnsafe(clusterSize);
+  return new Promise((resolve, reject) => {
+    native.inflateCluster(data, out, (ok, message) => (ok ? resolve(out) : reject(new DecompressionError(message))));
+  });
 }
 
 /** Compress one cluster; null when it does not shrink. */

@@ -36,7 +36,7 @@ import {
 import { l1EntriesFor, l2EntriesPerTable, alignUp, alignDown } from './layout';
 import { TableCache } from './table-cache';
 import { RefcountManager } from './refcount';
-import { decompressCluster, DecompressionError } from './compression';
+import { decompressClusterAsync, DecompressionError } from './compression';
 import { Snapshot, decodeSnapshotTable, encodeSnapshotTable, snapshotTableSize } from './snapshot';
 import { Layer, MapExtent, RawLayer, mergeExtents } from './layer';
 import { RwLock } from './rwlock';
@@ -585,8 +585,13 @@ export class Qcow2Image implements Layer {
         await this.readBacking(part, guestOffset);
         return;
       case SubclusterType.Compressed: {
-        const data = await this.compressedCluster(run.compressed!);
         const inCluster = guestOffset % this.clusterSize;
+        if (part.length === this.clusterSize && !this.compressedCache.has(run.compressed!.hostOffset)) {
+          // A whole cluster (a large sequential read): inflate straight into place, uncached.
+          await this.decompress(run.compressed!, part);
+          return;
+        }
+        const data = await this.compressedCluster(run.compressed!);
         data.copy(part, 0, inCluster, inCluster + part.length);
         return;
       }
@@ -625,12 +630,12 @@ export class Qcow2Image implements Layer {
     return p;
   }
 
-  private async decompress(d: { hostOffset: number; compressedSize: number }): Promise<Buffer> {
+  private async decompress(d: { hostOffset: number; compressedSize: number }, into?: Buffer): Promise<Buffer> {
     // Compressed clusters always live in the image file, never in an external data file.
     const raw = Buffer.allocUnsafe(d.compressedSize);
     await readFull(this.dev, raw, d.hostOffset);
     try {
-      return decompressCluster(this.header.compressionType, raw, this.clusterSize);
+      return await decompressClusterAsync(this.header.compressionType, raw, this.clusterSize, into);
     } catch (err) {
       if (err instanceof DecompressionError) throw new CorruptImageError('compressed cluster', d.hostOffset, err.message);
       throw err;
