@@ -5,6 +5,7 @@ pkgs=(
   qemu-utils           # qemu-img, qemu-io: the oracle in tests
   qemu-system-common   # qemu-storage-daemon: the benchmark's peer
   fuse3                # fusermount for unprivileged mounts
+  libfuse2             # libfuse.so.2, which the fuse-native transport loads
   e2fsprogs            # mkfs.ext4, e2fsck for loop-mount tests
   util-linux           # losetup, mount, setpriv
   fdisk                # sfdisk, to partition disks in tests

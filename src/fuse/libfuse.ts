@@ -24,6 +24,9 @@
  *   `user_allow_other`.
  * - An unmount from outside (fusermount -u) is noticed by polling the
  *   mount's fusectl connection (or /proc/self/mountinfo), within ~200 ms.
+ *   Without fusectl (systemd mounts it at /sys/fs/fuse/connections) a
+ *   lazily detached mount counts as ended when it leaves mountinfo, even
+ *   while files on it are still open.
  *
  * Needs the system's libfuse 2 (fuse-native's prebuilt module links
  * libfuse.so.2) and a `fusermount` binary: libfuse 2 runs /bin/fusermount or

@@ -252,11 +252,31 @@ function openFuseDeviceToUsers(): void {
   });
 }
 
+/**
+ * Stock Debian (systemd) mounts fusectl at /sys/fs/fuse/connections, where the
+ * transport tells a mount's connection from a later one; mount it for the
+ * enclosing describe if this machine has not, and take it down afterwards.
+ */
+function withFusectl(): void {
+  let mountedHere = false;
+  before(async () => {
+    const mounted = fs.readFileSync('/proc/self/mounts', 'utf8').split('\n').some((l) => l.split(' ')[2] === 'fusectl');
+    if (!mounted && process.getuid?.() === 0) {
+      await ok('mount', ['-t', 'fusectl', 'none', '/sys/fs/fuse/connections']);
+      mountedHere = true;
+    }
+  });
+  after(async () => {
+    if (mountedHere) await sh('umount', ['/sys/fs/fuse/connections']);
+  });
+}
+
 // --- the tests --------------------------------------------------------------------------------
 
 function tests(): void {
   describe('libfuse transport (fuse-native)', function () {
     this.timeout(60_000);
+    withFusectl();
 
     it('is available: fuse-native loads against libfuse.so.2 and fusermount is installed', () => {
       expect(libfuseAvailable()).to.equal(true);
