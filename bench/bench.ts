@@ -353,7 +353,8 @@ function report(a: Args, rows: Row[], peak: Record<string, number>): string {
   lines.push('', 'Ratios are "how many times better qcowfs is" (for times: QEMU time / qcowfs time).', '');
   lines.push('| daemon peak RSS (VmHWM) | qcowfs MiB | QEMU MiB |', '|---|---:|---:|');
   for (const [label, key] of [['sequential read', 'seqread'], ['sequential write', 'seqwrite'], ['1 TiB sparse image, mount + 64 MiB read', 'tib']]) {
-    lines.push(`| ${label} | ${fmt(peak[`${key}-qcowfs`] ?? NaN)} | ${fmt(peak[`${key}-qemu`] ?? NaN)} |`);
+    if (peak[`${key}-qcowfs`] === undefined) continue; // not run (--only)
+    lines.push(`| ${label} | ${fmt(peak[`${key}-qcowfs`])} | ${fmt(peak[`${key}-qemu`] ?? NaN)} |`);
   }
   lines.push('');
   return lines.join('\n') + '\n';
