@@ -15,6 +15,7 @@
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
  *   pwriteNowait(fd, buf, off, len, pos)     -> bytes written, or -errno
+ *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
  *   pollStart(h) / pollStop(h) / pollClose(h)
  *
@@ -24,6 +25,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -119,6 +121,19 @@ static napi_value PwriteNowait(napi_env env, napi_callback_info info) {
   }
   ssize_t n = pwritev2((int)fd, &iov, 1, pos, RWF_NOWAIT);
   return native_number(env, n < 0 ? -errno : n);
+}
+
+static napi_value SeekData(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd, pos;
+  bool hole;
+  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], &fd) || get_int(env, a.argv[1], &pos) ||
+      napi_get_value_bool(env, a.argv[2], &hole) != napi_ok || pos < 0) {
+    napi_throw_type_error(env, NULL, "seekData(fd, position, hole)");
+    return NULL;
+  }
+  off_t r = lseek((int)fd, (off_t)pos, hole ? SEEK_HOLE : SEEK_DATA);
+  return native_number(env, r < 0 ? -errno : (int64_t)r);
 }
 
 /* --- polling ------------------------------------------------------------- */
@@ -249,6 +264,7 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "readInto", ReadInto);
   native_export(env, exports, "preadNowait", PreadNowait);
   native_export(env, exports, "pwriteNowait", PwriteNowait);
+  native_export(env, exports, "seekData", SeekData);
   native_export(env, exports, "pollCreate", PollCreate);
   native_export(env, exports, "pollStart", PollStart);
   native_export(env, exports, "pollStop", PollStop);

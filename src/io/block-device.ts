@@ -43,3 +43,17 @@ export interface AllocatedSize {
 export function hasAllocatedSize(dev: BlockDevice): dev is BlockDevice & AllocatedSize {
   return typeof (dev as Partial<AllocatedSize>).allocatedBytes === 'function';
 }
+
+/** Devices that know where their holes are (a sparse host file). */
+export interface HoleMap {
+  /**
+   * The first offset >= `offset` that is data (or a hole, with `hole`), as
+   * lseek(SEEK_DATA / SEEK_HOLE) answers; null for data when there is none
+   * before the end, and undefined when the host cannot tell.
+   */
+  seekHoleOrData(offset: number, hole: boolean): number | null | undefined;
+}
+
+export function hasHoleMap(dev: BlockDevice): dev is BlockDevice & HoleMap {
+  return typeof (dev as Partial<HoleMap>).seekHoleOrData === 'function';
+}

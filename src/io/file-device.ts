@@ -1,6 +1,6 @@
 import * as fs from 'fs';
 import { constants as osConstants } from 'os';
-import { BlockDevice } from './block-device';
+import { BlockDevice, HoleMap } from './block-device';
 import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
 import { loadNative, type NativeModule } from './native';
 
@@ -27,7 +27,7 @@ function call<T>(fn: (cb: (err: NodeJS.ErrnoException | null, v?: T) => void) =>
 }
 
 /** A block device over a host file, with positioned I/O on one descriptor. */
-export class FileDevice implements BlockDevice {
+export class FileDevice implements BlockDevice, HoleMap {
   private length: number;
   private closed = false;
   /**
@@ -134,6 +134,15 @@ export class FileDevice implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     await call<void>((cb) => fs.close(this.fd, cb));
+  }
+
+  seekHoleOrData(offset: number, hole: boolean): number | null | undefined {
+    const native = loadNative();
+    if (native === null) return undefined;
+    const r = native.seekData(this.fd, offset, hole);
+    if (r >= 0) return r;
+    if (r === -E.ENXIO) return hole ? this.length : null;
+    return undefined; // EINVAL: the file system does not say; treat everything as data
   }
 
   /** Bytes the file occupies on the host (st_blocks * 512). */

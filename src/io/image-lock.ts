@@ -62,7 +62,7 @@ export function lockImage(fd: number, file: string, req: LockRequest): void {
   if (!n) {
     if (!warned && process.env.QCOWFS_NO_LOCK_WARNING === undefined) {
       warned = true;
-      process.stderr.write('qcowfs: warning: image locking is unavailable (native module not built); QEMU will not see that images are in use\n');
+      process.stderr.write('qcowfs: warning: the native module is not built (npm run build): images are not locked against QEMU, and I/O takes slower paths\n');
     }
     return;
   }

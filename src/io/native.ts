@@ -20,6 +20,8 @@ export interface NativeModule {
   pwriteNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
   /** Inflate raw deflate `src` into all of `dst` on the threadpool (QEMU's rule: dst exactly filled). */
   inflateCluster(src: Buffer, dst: Buffer, callback: (ok: boolean, message: string) => void): void;
+  /** lseek(SEEK_DATA), or SEEK_HOLE when `hole`: the offset, or -errno (-ENXIO: no data at or after). */
+  seekData(fd: number, position: number, hole: boolean): number;
   /** Watch fd on the event loop; the callback gets 0 or a negative libuv status. */
   pollCreate(fd: number, callback: (status: number) => void): PollHandle;
   pollStart(h: PollHandle): number;

@@ -3,7 +3,7 @@
  * and say which of its ranges hold data. A qcow2 image is one; a raw file
  * used as a backing file is another.
  */
-import { BlockDevice, readFull } from '../io/block-device';
+import { BlockDevice, hasHoleMap, readFull } from '../io/block-device';
 
 /** One extent of block status, in the shape of `qemu-img map --output=json`. */
 export interface MapExtent {
@@ -50,8 +50,34 @@ export class RawLayer implements Layer {
     await readFull(this.dev, buf, offset);
   }
 
+  /**
+   * As QEMU's file driver: the host file's holes (lseek SEEK_HOLE/SEEK_DATA)
+   * read as zeroes and are reported zero, not data; the rest is data. Where
+   * the host cannot tell, everything is data.
+   */
   async blockStatus(offset: number, length: number): Promise<MapExtent[]> {
-    return [{ start: offset, length, depth: 0, present: true, zero: false, data: true, compressed: false, offset }];
+    const end = offset + length;
+    const extent = (start: number, stop: number, data: boolean): MapExtent => ({
+      start, length: stop - start, depth: 0, present: true, zero: !data, data, compressed: false, offset: start,
+    });
+    const dev = this.dev;
+    if (!hasHoleMap(dev)) return [extent(offset, end, true)];
+    const out: MapExtent[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const data = dev.seekHoleOrData(pos, false);
+      if (data === undefined) return mergeExtents([...out, extent(pos, end, true)]);
+      if (data === null || data >= end) {
+        out.push(extent(pos, end, false));
+        break;
+      }
+      if (data > pos) out.push(extent(pos, data, false));
+      const hole = dev.seekHoleOrData(data, true);
+      const stop = hole === undefined || hole === null ? end : Math.min(Math.max(hole, data + 1), end);
+      out.push(extent(data, stop, true));
+      pos = stop;
+    }
+    return out;
   }
 
   async close(): Promise<void> {

@@ -449,6 +449,24 @@ describe('qcow2 read engine against QEMU', function () {
       await verify(top);
     });
 
+    it('sparse raw backing file: its holes map as zero, as QEMU finds them with SEEK_HOLE', async () => {
+      const raw = p('rbs.raw');
+      fs.writeFileSync(raw, Buffer.alloc(0));
+      fs.truncateSync(raw, 3 * MiB);
+      const fd = fs.openSync(raw, 'r+');
+      try {
+        fs.writeSync(fd, patternBuffer(128 * KiB, 8), 0, 128 * KiB, 640 * KiB);
+        fs.writeSync(fd, patternBuffer(64 * KiB, 9), 0, 64 * KiB, 2 * MiB);
+      } finally {
+        fs.closeSync(fd);
+      }
+      const top = create('rbs-top.qcow2', 4 * MiB, [], ['-b', 'rbs.raw', '-F', 'raw']);
+      io(top, [w(0, 0, 64 * KiB), w(1, 700 * KiB, 8 * KiB)]);
+      const extents = await verify(top);
+      expect(extents.some((e) => e.depth === 1 && e.zero && !e.data)).to.equal(true);
+      expect(extents.some((e) => e.depth === 1 && e.data)).to.equal(true);
+    });
+
     it('raw backing file without a backing format (probed)', async () => {
       fs.writeFileSync(p('rbp.raw'), patternBuffer(512 * KiB, 6));
       const top = p('rbp-top.qcow2');
