@@ -186,11 +186,12 @@ function main(): void {
     const compressed = path.join(work, 'compressed.qcow2');
     if (want('compressed')) sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed]);
 
-    const measure = (name: string, unit: string, higherIsBetter: boolean, withRaw: boolean, run: (s: Served, kind: string) => number, image = full) => {
+    // `image` is a path, or a function making a fresh image for every server and run.
+    const measure = (name: string, unit: string, higherIsBetter: boolean, withRaw: boolean, run: (s: Served, kind: string) => number, image: string | (() => string) = full) => {
       const res: Record<string, number[]> = { qcowfs: [], qemu: [], raw: [] };
       for (let r = 0; r < a.runs; r++) {
         for (const kind of ['qcowfs', 'qemu'] as const) {
-          const s = serve(kind, image);
+          const s = serve(kind, typeof image === 'string' ? image : image());
           try {
             res[kind].push(run(s, kind));
           } finally {
@@ -304,7 +305,7 @@ function main(): void {
           sh('losetup', ['-d', loop], { allowFail: true });
           fs.rmSync(m, { recursive: true, force: true });
         }
-      }, fresh());
+      }, fresh);
     }
     // 8. Peak memory on a 1 TiB sparse image.
     if (want('memory')) {
