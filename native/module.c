@@ -4,6 +4,7 @@
  *   fast-io.c   non-blocking I/O: polling /dev/fuse on the event loop, and
  *               page-cache reads and writes that never wait for the disk
  *   inflate.c   compressed clusters inflated on the threadpool
+ *   uring.c     image reads that miss the page cache, through io_uring
  */
 #include "qcowfs-native.h"
 
@@ -23,5 +24,6 @@ NAPI_MODULE_INIT() {
   register_ofd_lock(env, exports);
   register_fast_io(env, exports);
   register_inflate(env, exports);
+  register_uring(env, exports);
   return exports;
 }

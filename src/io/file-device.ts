@@ -3,6 +3,7 @@ import { constants as osConstants } from 'os';
 import { BlockDevice, HoleMap } from './block-device';
 import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
 import { loadNative, type NativeModule } from './native';
+import { uringReader } from './uring';
 
 const E = osConstants.errno;
 
@@ -33,7 +34,8 @@ export class FileDevice implements BlockDevice, HoleMap {
   /**
    * Reads are first tried with RWF_NOWAIT (page-cache hits are served on the
    * spot, without a threadpool round trip); null where the native module or
-   * the host filesystem cannot.
+   * the host filesystem cannot. Misses go through io_uring where there is
+   * one (src/io/uring.ts), else to the threadpool.
    */
   private nowait: NativeModule | null = loadNative();
   /** Written to (or resized) since the last completed fdatasync: flush() has something to do. */
@@ -82,7 +84,13 @@ export class FileDevice implements BlockDevice, HoleMap {
       } else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) {
         this.nowait = null; // this file system cannot; stop asking
       }
-      // -EAGAIN (not cached) and real errors go the threadpool way, which reports them.
+      // -EAGAIN (not cached) and real errors go on below.
+    }
+    const ring = uringReader();
+    const viaRing = ring?.read(this.fd, buf, done, buf.length - done, offset + done);
+    if (viaRing) {
+      // Errors and short reads finish on the threadpool, which reports errors as Node does.
+      return viaRing.then((n) => (n === buf.length - done ? buf.length : this.preadFrom(buf, offset, n > 0 ? done + n : done)));
     }
     return this.preadFrom(buf, offset, done);
   }

@@ -22,12 +22,20 @@ export interface NativeModule {
   inflateCluster(src: Buffer, dst: Buffer, callback: (ok: boolean, message: string) => void): void;
   /** lseek(SEEK_DATA), or SEEK_HOLE when `hole`: the offset, or -errno (-ENXIO: no data at or after). */
   seekData(fd: number, position: number, hole: boolean): number;
+  /** An io_uring whose completions call `callback(id, bytes or -errno)` on the event loop; -errno if none. */
+  uringCreate(entries: number, callback: (id: number, result: number) => void): UringHandle | number;
+  /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */
+  uringRead(ring: UringHandle, fd: number, buf: Buffer, offset: number, length: number, position: number, id: number): number;
+  uringClose(ring: UringHandle): number;
   /** Watch fd on the event loop; the callback gets 0 or a negative libuv status. */
   pollCreate(fd: number, callback: (status: number) => void): PollHandle;
   pollStart(h: PollHandle): number;
   pollStop(h: PollHandle): number;
   pollClose(h: PollHandle): number;
 }
+
+/** An opaque io_uring. */
+export type UringHandle = { readonly __uring: unique symbol };
 
 /** An opaque uv_poll handle. */
 export type PollHandle = { readonly __poll: unique symbol };

@@ -11,6 +11,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { FileDevice } from '../../../src/io/file-device';
 import { loadNative, type NativeModule } from '../../../src/io/native';
+import { uringReader } from '../../../src/io/uring';
 
 const E = os.constants.errno;
 
@@ -98,6 +99,37 @@ describe('native module: non-blocking I/O', () => {
       expect(() => native.pollStart(h)).to.throw(/closed/);
       fs.closeSync(wr);
       fs.closeSync(rd);
+    }
+  });
+});
+
+describe('io_uring reads', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowfs-uring-'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('reads what the file holds, many at once, and says EOF and bad descriptors as results', async function () {
+    const ring = uringReader();
+    if (ring === null) this.skip(); // a kernel without io_uring (or with it disabled): the threadpool serves
+    const file = path.join(dir, 'f');
+    const data = randomBytes(1 << 20);
+    fs.writeFileSync(file, data);
+    const fd = fs.openSync(file, 'r');
+    try {
+      const bufs = Array.from({ length: 64 }, () => Buffer.alloc(8192));
+      const results = await Promise.all(bufs.map((b, i) => ring!.read(fd, b, 100, 4096, i * 16384)!));
+      results.forEach((n, i) => {
+        expect(n).to.equal(4096);
+        expect(bufs[i].subarray(100, 4196).equals(data.subarray(i * 16384, i * 16384 + 4096))).to.equal(true);
+      });
+      expect(await ring!.read(fd, bufs[0], 0, 4096, data.length)).to.equal(0);
+      expect(await ring!.read(fd, bufs[0], 0, 4096, data.length - 10)).to.equal(10);
+      expect(await ring!.read(-1, bufs[0], 0, 4096, 0)).to.equal(-E.EBADF);
+      expect(() => ring!.read(fd, bufs[0], 8000, 4096, 0)).to.throw(TypeError);
+    } finally {
+      fs.closeSync(fd);
     }
   });
 });
