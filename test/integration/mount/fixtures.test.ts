@@ -167,6 +167,32 @@ describe('qcowfs mount: images read through a real mount', function () {
     });
   }
 
+  it('without the native module (QCOWFS_NO_NATIVE=1): says so, and serves the same bytes through the threadpool paths', () => {
+    // Compressed and plain clusters and a backing file: every read path that has a native shortcut.
+    const img = fixtures[0].make(sb);
+    const top = sb.path('nonative-top.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', img, '-F', 'qcow2', top);
+    qemuIo(top, ['write -P 9 100k 200k']);
+    const want = qemuConvertRaw(top, `${top}.want`);
+    const saved = process.env.QCOWFS_NO_NATIVE;
+    process.env.QCOWFS_NO_NATIVE = '1';
+    let r;
+    try {
+      r = qcowfs('mount', top, mnt);
+    } finally {
+      if (saved === undefined) delete process.env.QCOWFS_NO_NATIVE;
+      else process.env.QCOWFS_NO_NATIVE = saved;
+    }
+    sb.track(mnt);
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stderr).to.match(/native module is not built/);
+    const raw = path.join(mnt, 'nonative-top.raw');
+    expectSameBytes(raw, want);
+    expect(seekDataRanges(raw)).to.deep.equal(qemuDataRanges(top));
+    sb.unmount(mnt);
+    expectCheckClean(top);
+  });
+
   it('serves several images in one mount, each as its own file', () => {
     const a = sb.path('multi-a.qcow2');
     const b = sb.path('multi-b.qcow2');
