@@ -6,15 +6,14 @@
  * pays a hop to a pool thread and back. Here the device is watched with a
  * uv_poll handle on the loop itself and read with non-blocking read(2).
  *
- * Image reads and writes are first tried with preadv2/pwritev2 and
- * RWF_NOWAIT: when the data is in the page cache (or a write can be taken
- * without waiting for writeback) it is done on the spot; otherwise the call
- * answers -EAGAIN at once and the caller falls back to the threadpool.
+ * Image reads are first tried with preadv2 and RWF_NOWAIT: when the data is
+ * in the page cache it is copied on the spot; otherwise the call answers
+ * -EAGAIN at once and the caller goes on asynchronously. (Buffered writes
+ * with RWF_NOWAIT are refused by ext4 and tmpfs, so writes do without.)
  *
  *   setNonblock(fd)                          -> 0 or errno
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
- *   pwriteNowait(fd, buf, off, len, pos)     -> bytes written, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
  *   pollStart(h) / pollStop(h) / pollClose(h)
@@ -85,7 +84,7 @@ static napi_value ReadInto(napi_env env, napi_callback_info info) {
   return native_number(env, n < 0 ? -errno : n);
 }
 
-/* Shared argument checks of preadNowait / pwriteNowait. */
+/* Argument checks of preadNowait. */
 static int positioned_args(napi_env env, napi_callback_info info, int64_t *fd, struct iovec *iov, int64_t *pos) {
   args_t a;
   int64_t off, len;
@@ -109,17 +108,6 @@ static napi_value PreadNowait(napi_env env, napi_callback_info info) {
     return NULL;
   }
   ssize_t n = preadv2((int)fd, &iov, 1, pos, RWF_NOWAIT);
-  return native_number(env, n < 0 ? -errno : n);
-}
-
-static napi_value PwriteNowait(napi_env env, napi_callback_info info) {
-  int64_t fd, pos;
-  struct iovec iov;
-  if (positioned_args(env, info, &fd, &iov, &pos)) {
-    napi_throw_type_error(env, NULL, "pwriteNowait(fd, buffer, offset, length, position)");
-    return NULL;
-  }
-  ssize_t n = pwritev2((int)fd, &iov, 1, pos, RWF_NOWAIT);
   return native_number(env, n < 0 ? -errno : n);
 }
 
@@ -263,7 +251,6 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "setNonblock", SetNonblock);
   native_export(env, exports, "readInto", ReadInto);
   native_export(env, exports, "preadNowait", PreadNowait);
-  native_export(env, exports, "pwriteNowait", PwriteNowait);
   native_export(env, exports, "seekData", SeekData);
   native_export(env, exports, "pollCreate", PollCreate);
   native_export(env, exports, "pollStart", PollStart);

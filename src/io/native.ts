@@ -16,8 +16,6 @@ export interface NativeModule {
   readInto(fd: number, buf: Buffer): number;
   /** preadv2(RWF_NOWAIT): bytes read or -errno (-EAGAIN when it would wait for the disk). */
   preadNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
-  /** pwritev2(RWF_NOWAIT): bytes written or -errno (-EAGAIN when it would wait). */
-  pwriteNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
   /** Inflate raw deflate `src` into all of `dst` on the threadpool (QEMU's rule: dst exactly filled). */
   inflateCluster(src: Buffer, dst: Buffer, callback: (ok: boolean, message: string) => void): void;
   /** lseek(SEEK_DATA), or SEEK_HOLE when `hole`: the offset, or -errno (-ENXIO: no data at or after). */
