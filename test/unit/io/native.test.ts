@@ -134,6 +134,34 @@ describe('io_uring reads', () => {
   });
 });
 
+describe('io_uring reads: a full ring', () => {
+  it('answers null once every entry is in flight, and every queued read completes', async function () {
+    const ring = uringReader();
+    if (ring === null) this.skip();
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowfs-uring-'));
+    const file = path.join(dir, 'f');
+    fs.writeFileSync(file, randomBytes(4096));
+    const fd = fs.openSync(file, 'r');
+    try {
+      const queued: Promise<number>[] = [];
+      let refused = 0;
+      // Submitted in one go, so none can complete (completions run on the event loop) before the ring fills.
+      for (let i = 0; i < 300; i++) {
+        const p = ring!.read(fd, Buffer.alloc(4096), 0, 4096, 0);
+        if (p === null) refused++;
+        else queued.push(p);
+      }
+      expect(refused).to.be.above(0);
+      expect(queued.length).to.be.above(0);
+      for (const n of await Promise.all(queued)) expect(n).to.equal(4096);
+      expect(await ring!.read(fd, Buffer.alloc(4096), 0, 4096, 0)).to.equal(4096); // room again
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('FileDevice', () => {
   let dir: string;
   beforeEach(() => {
