@@ -3,7 +3,7 @@ import { constants as osConstants } from 'os';
 import { BlockDevice, HoleMap } from './block-device';
 import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
 import { loadNative, type NativeModule } from './native';
-import { uringReader } from './uring';
+import { uringReader, type UringReader } from './uring';
 
 const E = osConstants.errno;
 
@@ -38,6 +38,8 @@ export class FileDevice implements BlockDevice, HoleMap {
    * one (src/io/uring.ts), else to the threadpool.
    */
   private nowait: NativeModule | null = loadNative();
+  /** Where misses go when there is an io_uring; null where there is none or this file refuses it. */
+  private ring: UringReader | null = uringReader();
   /** Written to (or resized) since the last completed fdatasync: flush() has something to do. */
   private unsynced = false;
 
@@ -86,11 +88,14 @@ export class FileDevice implements BlockDevice, HoleMap {
       }
       // -EAGAIN (not cached) and real errors go on below.
     }
-    const ring = uringReader();
-    const viaRing = ring?.read(this.fd, buf, done, buf.length - done, offset + done);
+    const viaRing = this.ring?.read(this.fd, buf, done, buf.length - done, offset + done);
     if (viaRing) {
       // Errors and short reads finish on the threadpool, which reports errors as Node does.
-      return viaRing.then((n) => (n === buf.length - done ? buf.length : this.preadFrom(buf, offset, n > 0 ? done + n : done)));
+      return viaRing.then((n) => {
+        if (n === buf.length - done) return buf.length;
+        if (n === -E.EOPNOTSUPP || n === -E.EINVAL) this.ring = null; // this file cannot; stop asking
+        return this.preadFrom(buf, offset, n > 0 ? done + n : done);
+      });
     }
     return this.preadFrom(buf, offset, done);
   }
