@@ -234,11 +234,11 @@ export class ImageFs implements FuseFilesystem {
     return { fh: this.nextFh++, keepCache: true };
   }
 
-  async read(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, size: number): Promise<Buffer> {
+  async read(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, size: number, into?: Buffer): Promise<Buffer> {
     const n = this.node(nodeid);
     const end = Math.min(offset + size, n.file.backend.size());
     if (end <= offset) return Buffer.alloc(0);
-    const buf = Buffer.allocUnsafe(end - offset);
+    const buf = into !== undefined && into.length >= end - offset ? into.subarray(0, end - offset) : Buffer.allocUnsafe(end - offset);
     await n.file.backend.read(buf, offset);
     return buf;
   }

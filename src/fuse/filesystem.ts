@@ -134,8 +134,12 @@ export interface FuseFilesystem {
    * Read up to `size` bytes at `offset`. Returns the data; a shorter buffer
    * means end of file. The returned buffer must stay untouched until the
    * reply has been written (the transport copies or writes it at once).
+   * `into`, when given, is a buffer of at least `size` bytes the filesystem
+   * may read into and return a view of: the transport reuses it once this
+   * call has settled, which spares a fresh allocation (and its page faults)
+   * per request.
    */
-  read(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, size: number): Promise<Buffer>;
+  read(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, size: number, into?: Buffer): Promise<Buffer>;
   /**
    * Write `data` at `offset`; returns bytes written. `data` is only valid
    * until the promise settles (it may be a view of a pooled request buffer).

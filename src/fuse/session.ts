@@ -120,6 +120,8 @@ class Pending implements RequestContext {
   private controller: AbortController | undefined;
   /** The read buffer this request still holds (WRITE), returned when the handler settles. */
   heldBuffer: Buffer | undefined;
+  /** The reply buffer lent to a READ handler, returned when the handler settles. */
+  replyBuffer: Buffer | undefined;
   /** Debug text: key arguments. */
   args = '';
 
@@ -174,6 +176,8 @@ export class FuseSession {
   private readonly debug: boolean;
 
   private readonly freeBuffers: Buffer[] = [];
+  /** READ reply buffers (maxWrite bytes each), lent to handlers and reused. */
+  private readonly freeReplyBuffers: Buffer[] = [];
   private readonly pending = new Map<number, Pending>();
   /** Interrupts whose target has not been read yet (readers race): unique -> time seen. */
   private readonly earlyInterrupts = new Map<number, number>();
@@ -430,6 +434,11 @@ export class FuseSession {
       this.giveBuffer(p.heldBuffer);
       p.heldBuffer = undefined;
     }
+    if (p.replyBuffer !== undefined) {
+      // Only now: a handler answered early (interrupt, timeout) may still have been writing into it.
+      if (this.freeReplyBuffers.length < this.maxInFlight) this.freeReplyBuffers.push(p.replyBuffer);
+      p.replyBuffer = undefined;
+    }
     if (!p.replied) {
       // Every path of serve() replies; this is the guard against one that forgot.
       this.replyError(p, E.EIO);
@@ -491,7 +500,12 @@ export class FuseSession {
         return;
       }
       case 'read': {
-        let data = await f.read(p, nodeid, req.fh, req.offset, req.size);
+        let into: Buffer | undefined;
+        if (req.size > 0 && req.size <= this.maxWrite) {
+          into = this.freeReplyBuffers.pop() ?? Buffer.allocUnsafe(this.maxWrite);
+          p.replyBuffer = into;
+        }
+        let data = await f.read(p, nodeid, req.fh, req.offset, req.size, into);
         if (data.length > req.size) data = data.subarray(0, req.size);
         this.sendRead(p, data);
         return;

@@ -6,6 +6,7 @@
  * range, allocate). It records what it was asked so tests can check what the
  * kernel sent.
  */
+import { expect } from 'chai';
 import { constants } from 'os';
 import {
   FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, FUSE_ROOT_ID, FuseErrno, SEEK_DATA, SEEK_HOLE,
@@ -126,7 +127,7 @@ export class MemoryFs implements FuseFilesystem {
     return { fh: this.nextFh++, directIo: this.opts.directIo };
   }
 
-  async read(_ctx: RequestContext, nodeid: NodeId, _fh: number, offset: number, size: number): Promise<Buffer> {
+  async read(_ctx: RequestContext, nodeid: NodeId, _fh: number, offset: number, size: number, into?: Buffer): Promise<Buffer> {
     if (nodeid !== this.fileIno) throw new FuseErrno(E.EISDIR);
     this.stats.reads++;
     this.stats.maxReadSize = Math.max(this.stats.maxReadSize, size);
@@ -136,7 +137,11 @@ export class MemoryFs implements FuseFilesystem {
       if (this.opts.readDelayMs) await new Promise((r) => setTimeout(r, this.opts.readDelayMs));
       const end = Math.min(this.size, offset + size);
       if (offset >= end) return Buffer.alloc(0);
-      return this.data.subarray(offset, end);
+      if (into === undefined) return this.data.subarray(offset, end);
+      // Into the transport's reused buffer, as ImageFs does, so its reuse is exercised.
+      expect(into.length).to.be.at.least(size);
+      this.data.copy(into, 0, offset, end);
+      return into.subarray(0, end - offset);
     } finally {
       this.stats.inFlightReads--;
     }
