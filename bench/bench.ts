@@ -65,6 +65,11 @@ function seconds(fn: () => void): number {
   return Number(process.hrtime.bigint() - t) / 1e9;
 }
 
+/** Which server goes first alternates from run to run, so neither always inherits the other's after-effects. */
+function order(run: number): readonly ('qcowfs' | 'qemu')[] {
+  return run % 2 === 0 ? ['qcowfs', 'qemu'] : ['qemu', 'qcowfs'];
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = Math.floor(s.length / 2);
@@ -190,7 +195,7 @@ function main(): void {
     const measure = (name: string, unit: string, higherIsBetter: boolean, withRaw: boolean, run: (s: Served, kind: string) => number, image: string | (() => string) = full) => {
       const res: Record<string, number[]> = { qcowfs: [], qemu: [], raw: [] };
       for (let r = 0; r < a.runs; r++) {
-        for (const kind of ['qcowfs', 'qemu'] as const) {
+        for (const kind of order(r)) {
           const s = serve(kind, typeof image === 'string' ? image : image());
           try {
             res[kind].push(run(s, kind));
@@ -241,7 +246,7 @@ function main(): void {
       }
     };
     for (let r = 0; r < a.runs; r++) {
-      for (const kind of ['qcowfs', 'qemu'] as const) {
+      for (const kind of order(r)) {
         if (want('seqwrite')) once(kind, (s) => {
           const t = seconds(() => sh('fio', ['--name=w', `--filename=${s.file}`, '--rw=write', '--bs=1M', `--size=${writeSize}`, '--end_fsync=1', '--ioengine=psync', '--output=/dev/null']));
           res3[kind].push(writeSize / t / 1e6);
