@@ -7,6 +7,11 @@ import { uringReader, type UringReader } from './uring';
 
 const E = osConstants.errno;
 
+/** After this many page-cache misses in a row, RWF_NOWAIT reads become occasional probes. */
+const NOWAIT_MISS_LIMIT = 8;
+/** Once they are, one read in this many still tries the page cache first. */
+const NOWAIT_PROBE_EVERY = 16;
+
 /** Writes up to this size are issued synchronously (they land in the page cache). */
 const SYNC_WRITE_MAX = 64 * 1024;
 
@@ -38,6 +43,9 @@ export class FileDevice implements BlockDevice, HoleMap {
    * one (src/io/uring.ts), else to the threadpool.
    */
   private nowait: NativeModule | null = loadNative();
+  /** Consecutive page-cache misses (capped), and the counter that spaces out probes once they pile up. */
+  private misses = 0;
+  private probe = 0;
   /** Where misses go when there is an io_uring; null where there is none or this file refuses it. */
   private ring: UringReader | null = uringReader();
   /** Written to (or resized) since the last completed fdatasync: flush() has something to do. */
@@ -78,8 +86,9 @@ export class FileDevice implements BlockDevice, HoleMap {
 
   pread(buf: Buffer, offset: number): Promise<number> {
     let done = 0;
-    if (this.nowait !== null && buf.length > 0) {
+    if (this.nowait !== null && buf.length > 0 && this.tryNowait()) {
       const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
+      this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
       if (n === buf.length) return Promise.resolve(n);
       if (n > 0) {
         done = n;
@@ -98,6 +107,17 @@ export class FileDevice implements BlockDevice, HoleMap {
       });
     }
     return this.preadFrom(buf, offset, done);
+  }
+
+  /**
+   * Whether to try the page cache first. After a run of misses (a cold,
+   * random workload) the attempt only costs a system call, so it is made
+   * for one read in NOWAIT_PROBE_EVERY until one hits again.
+   */
+  private tryNowait(): boolean {
+    if (this.misses < NOWAIT_MISS_LIMIT) return true;
+    this.probe = (this.probe + 1) % NOWAIT_PROBE_EVERY;
+    return this.probe === 0;
   }
 
   private async preadFrom(buf: Buffer, offset: number, done: number): Promise<number> {
