@@ -129,8 +129,7 @@ static napi_value SeekData(napi_env env, napi_callback_info info) {
 typedef struct {
   uv_poll_t handle;
   napi_env env;
-  napi_ref callback;
-  napi_async_context context;
+  native_callback_t callback;
   int active;
   int closing;
 } poller_t;
@@ -141,15 +140,9 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
   napi_env env = p->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-  napi_value fn, recv, arg, result;
-  napi_get_reference_value(env, p->callback, &fn);
-  napi_get_global(env, &recv);
+  napi_value arg;
   napi_create_int32(env, status, &arg);
-  if (napi_make_callback(env, p->context, recv, fn, 1, &arg, &result) == napi_pending_exception) {
-    napi_value err;
-    napi_get_and_clear_last_exception(env, &err);
-    napi_fatal_exception(env, err);
-  }
+  native_callback_call(env, &p->callback, 1, &arg);
   napi_close_handle_scope(env, scope);
 }
 
@@ -199,11 +192,7 @@ static napi_value PollCreate(napi_env env, napi_callback_info info) {
   }
   p->handle.data = p;
   p->env = env;
-  napi_value name, resource;
-  napi_create_string_utf8(env, "qcowfs.poll", NAPI_AUTO_LENGTH, &name);
-  napi_create_object(env, &resource);
-  napi_create_reference(env, a.argv[1], 1, &p->callback);
-  napi_async_init(env, resource, name, &p->context);
+  native_callback_init(env, &p->callback, a.argv[1], "qcowfs.poll");
   napi_value ext;
   napi_create_external(env, p, NULL, NULL, &ext);
   return ext;
@@ -241,8 +230,7 @@ static napi_value PollClose(napi_env env, napi_callback_info info) {
   if (p->closing) return native_number(env, 0);
   p->closing = 1;
   p->active = 0;
-  napi_delete_reference(env, p->callback);
-  napi_async_destroy(env, p->context);
+  native_callback_free(env, &p->callback);
   uv_close((uv_handle_t *)&p->handle, on_closed);
   return native_number(env, 0);
 }

@@ -20,6 +20,30 @@ void native_export(napi_env env, napi_value exports, const char *name, napi_call
   napi_set_named_property(env, exports, name, f);
 }
 
+void native_callback_init(napi_env env, native_callback_t *cb, napi_value fn, const char *name) {
+  napi_value resource_name, resource;
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name);
+  napi_create_object(env, &resource);
+  napi_create_reference(env, fn, 1, &cb->fn);
+  napi_async_init(env, resource, resource_name, &cb->context);
+}
+
+void native_callback_call(napi_env env, native_callback_t *cb, size_t argc, napi_value *argv) {
+  napi_value fn, recv, result;
+  napi_get_reference_value(env, cb->fn, &fn);
+  napi_get_global(env, &recv);
+  if (napi_make_callback(env, cb->context, recv, fn, argc, argv, &result) == napi_pending_exception) {
+    napi_value err;
+    napi_get_and_clear_last_exception(env, &err);
+    napi_fatal_exception(env, err);
+  }
+}
+
+void native_callback_free(napi_env env, native_callback_t *cb) {
+  napi_delete_reference(env, cb->fn);
+  napi_async_destroy(env, cb->context);
+}
+
 NAPI_MODULE_INIT() {
   register_ofd_lock(env, exports);
   register_fast_io(env, exports);

@@ -12,4 +12,15 @@ void register_uring(napi_env env, napi_value exports);
 napi_value native_number(napi_env env, int64_t v);
 void native_export(napi_env env, napi_value exports, const char *name, napi_callback fn);
 
+/* A JavaScript function kept for calls from the event loop, with its async context. */
+typedef struct {
+  napi_ref fn;
+  napi_async_context context;
+} native_callback_t;
+
+void native_callback_init(napi_env env, native_callback_t *cb, napi_value fn, const char *name);
+/* Call it from a libuv callback (inside a handle scope); an exception it throws is fatal, as Node's own. */
+void native_callback_call(napi_env env, native_callback_t *cb, size_t argc, napi_value *argv);
+void native_callback_free(napi_env env, native_callback_t *cb);
+
 #endif

@@ -45,8 +45,7 @@ typedef struct {
   unsigned in_flight;
   uv_poll_t poll;
   napi_env env;
-  napi_ref callback;
-  napi_async_context context;
+  native_callback_t callback;
   int closing;
 } ring_t;
 
@@ -109,9 +108,7 @@ static void reap(ring_t *r) {
   napi_env env = r->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-  napi_value fn, recv, argv[2], result;
-  napi_get_reference_value(env, r->callback, &fn);
-  napi_get_global(env, &recv);
+  napi_value argv[2];
   for (;;) {
     unsigned head = *r->cq_head;
     unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
@@ -125,11 +122,7 @@ static void reap(ring_t *r) {
       if (--r->in_flight == 0) uv_unref((uv_handle_t *)&r->poll);
       napi_create_double(env, id, &argv[0]);
       napi_create_int32(env, res, &argv[1]);
-      if (napi_make_callback(env, r->context, recv, fn, 2, argv, &result) == napi_pending_exception) {
-        napi_value err;
-        napi_get_and_clear_last_exception(env, &err);
-        napi_fatal_exception(env, err);
-      }
+      native_callback_call(env, &r->callback, 2, argv);
       if (r->closing) break;
     }
     if (r->closing) break;
@@ -188,11 +181,7 @@ static napi_value UringCreate(napi_env env, napi_callback_info info) {
   }
   r->poll.data = r;
   r->env = env;
-  napi_value name, resource;
-  napi_create_string_utf8(env, "qcowfs.uring", NAPI_AUTO_LENGTH, &name);
-  napi_create_object(env, &resource);
-  napi_create_reference(env, argv[1], 1, &r->callback);
-  napi_async_init(env, resource, name, &r->context);
+  native_callback_init(env, &r->callback, argv[1], "qcowfs.uring");
   uv_poll_start(&r->poll, UV_READABLE, on_event);
   /* Reads in flight keep the loop alive; an idle ring does not. */
   uv_unref((uv_handle_t *)&r->poll);
@@ -252,8 +241,7 @@ static napi_value UringClose(napi_env env, napi_callback_info info) {
   }
   r->closing = 1;
   uv_poll_stop(&r->poll);
-  napi_delete_reference(env, r->callback);
-  napi_async_destroy(env, r->context);
+  native_callback_free(env, &r->callback);
   uv_close((uv_handle_t *)&r->poll, on_closed);
   return native_number(env, 0);
 }

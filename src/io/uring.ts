@@ -6,6 +6,7 @@
  * Where io_uring is missing or refused, uringReader() is null and reads go
  * to the threadpool.
  */
+import { constants as osConstants } from 'os';
 import { loadNative, type NativeModule, type UringHandle } from './native';
 
 /** Reads in flight at once; more wait for the threadpool. */
@@ -33,7 +34,7 @@ export class UringReader {
     const id = this.nextId;
     this.nextId = this.nextId >= Number.MAX_SAFE_INTEGER ? 1 : this.nextId + 1;
     const r = this.native.uringRead(this.ring, fd, buf, offset, length, position, id);
-    if (r === -16 /* EBUSY */) return null;
+    if (r === -osConstants.errno.EBUSY) return null;
     if (r < 0) return Promise.resolve(r);
     // The buffer stays referenced here until the kernel is done with it.
     return new Promise((resolve) => this.waiting.set(id, { resolve, buf }));

@@ -553,8 +553,6 @@ export class Qcow2Image implements Layer {
     };
     start(run, 0);
     let done = run.length;
-    let lookupFailed = false;
-    let lookupError: unknown;
     try {
       while (done < buf.length) {
         const next = await this.lookup(offset + done, buf.length - done);
@@ -562,11 +560,10 @@ export class Qcow2Image implements Layer {
         done += next.length;
       }
     } catch (err) {
-      lookupFailed = true;
-      lookupError = err;
+      await Promise.allSettled(reads);
+      throw err;
     }
     const results = await Promise.allSettled(reads);
-    if (lookupFailed) throw lookupError;
     const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (bad) throw bad.reason;
   }
