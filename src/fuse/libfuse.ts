@@ -42,6 +42,8 @@ import {
   Attr, ConnectionInfo, FileHandle, FuseErrno, FuseFilesystem, FuseMount, FUSE_ROOT_ID,
   MountOptions, NodeId, RequestContext, Statfs,
 } from './filesystem';
+import { statMountpoint } from './mount';
+import { codeError } from './session';
 
 const E = osConstants.errno;
 
@@ -139,10 +141,6 @@ export function libfuseAvailable(): boolean {
 }
 
 // --- pure helpers --------------------------------------------------------------------------
-
-function codeError(code: string, message: string): Error & { code: string } {
-  return Object.assign(new Error(message), { code });
-}
 
 /** libfuse's option parser splits on commas; a backslash escapes one. */
 function escapeOption(value: string): string {
@@ -636,15 +634,7 @@ export async function mountLibfuse(filesystem: FuseFilesystem, opts: LibfuseMoun
 }
 
 function checkMountpoint(mountpoint: string): void {
-  let st: fs.Stats;
-  try {
-    st = fs.statSync(mountpoint);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code ?? 'ENOENT';
-    if (code === 'ENOENT') throw codeError('ENOENT', `mountpoint ${mountpoint} does not exist`);
-    if (code === 'ENOTCONN') throw codeError('EBUSY', `mountpoint ${mountpoint} is a dead FUSE mount; unmount it first (fusermount -u)`);
-    throw codeError(code, `mountpoint ${mountpoint}: ${(e as Error).message}`);
-  }
+  const st = statMountpoint(mountpoint, 'fusermount -u');
   if (!st.isDirectory()) throw codeError('ENOTDIR', `mountpoint ${mountpoint} is not a directory`);
 }
 

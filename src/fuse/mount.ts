@@ -165,16 +165,23 @@ function hasMountPrivilege(): boolean {
   }
 }
 
-function checkMountpoint(mountpoint: string, rootIsFile: boolean): void {
-  let st: fs.Stats;
+/**
+ * stat() a mountpoint for either transport, with the errors users meet: it
+ * is missing, or a dead FUSE mount (`unmountWith` says how to clear it).
+ */
+export function statMountpoint(mountpoint: string, unmountWith: string): fs.Stats {
   try {
-    st = fs.statSync(mountpoint);
+    return fs.statSync(mountpoint);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code ?? 'ENOENT';
     if (code === 'ENOENT') throw codeError('ENOENT', `mountpoint ${mountpoint} does not exist`);
-    if (code === 'ENOTCONN') throw codeError('EBUSY', `mountpoint ${mountpoint} is a dead FUSE mount; unmount it first (qcowfs unmount)`);
+    if (code === 'ENOTCONN') throw codeError('EBUSY', `mountpoint ${mountpoint} is a dead FUSE mount; unmount it first (${unmountWith})`);
     throw codeError(code, `mountpoint ${mountpoint}: ${(e as Error).message}`);
   }
+}
+
+function checkMountpoint(mountpoint: string, rootIsFile: boolean): void {
+  const st = statMountpoint(mountpoint, 'qcowfs unmount');
   if (rootIsFile && !st.isFile()) {
     throw codeError(st.isDirectory() ? 'EISDIR' : 'EINVAL', `mountpoint ${mountpoint} must be a regular file to mount a file over it`);
   }
