@@ -5,6 +5,7 @@
  *               page-cache reads and writes that never wait for the disk
  *   inflate.c   compressed clusters inflated on the threadpool
  *   uring.c     image reads that miss the page cache, through io_uring
+ *   splice.c    READ replies spliced from the image file to /dev/fuse
  */
 #include "qcowfs-native.h"
 
@@ -49,5 +50,6 @@ NAPI_MODULE_INIT() {
   register_fast_io(env, exports);
   register_inflate(env, exports);
   register_uring(env, exports);
+  register_splice(env, exports);
   return exports;
 }

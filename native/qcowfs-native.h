@@ -7,6 +7,7 @@ void register_ofd_lock(napi_env env, napi_value exports);
 void register_fast_io(napi_env env, napi_value exports);
 void register_inflate(napi_env env, napi_value exports);
 void register_uring(napi_env env, napi_value exports);
+void register_splice(napi_env env, napi_value exports);
 
 /* Shared helpers. */
 napi_value native_number(napi_env env, int64_t v);

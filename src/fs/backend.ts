@@ -4,6 +4,7 @@
  * and a partition window all fit this shape.
  */
 import { Qcow2Image } from '../qcow2/image';
+import type { HostExtents } from '../qcow2/layer';
 
 export interface FileBackend {
   readonly readOnly: boolean;
@@ -11,6 +12,8 @@ export interface FileBackend {
   readonly readOnlyReason: string | null;
   size(): number;
   read(buf: Buffer, offset: number): Promise<void>;
+  /** Where [offset, offset+length) lies in host files, held until release(); null: use read(). */
+  mapForRead?(offset: number, length: number): Promise<HostExtents | null>;
   write(data: Buffer, offset: number): Promise<void>;
   resize(size: number): Promise<void>;
   writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
@@ -39,6 +42,10 @@ export class ImageBackend implements FileBackend {
 
   read(buf: Buffer, offset: number): Promise<void> {
     return this.image.read(buf, offset);
+  }
+
+  mapForRead(offset: number, length: number): Promise<HostExtents | null> {
+    return this.image.mapForRead(offset, length);
   }
 
   write(data: Buffer, offset: number): Promise<void> {

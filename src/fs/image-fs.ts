@@ -10,7 +10,7 @@ import { constants } from 'os';
 import {
   FuseFilesystem, RequestContext, NodeId, FileHandle, Entry, AttrReply, SetattrChanges, OpenReply, DirEntry,
   Statfs, Attr, FuseErrno, FUSE_ROOT_ID, SEEK_DATA, SEEK_HOLE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE, ConnectionInfo,
+  FALLOC_FL_ZERO_RANGE, ConnectionInfo, FileSlices,
 } from '../fuse/filesystem';
 import { FileBackend } from './backend';
 
@@ -241,6 +241,13 @@ export class ImageFs implements FuseFilesystem {
     const buf = into !== undefined && into.length >= end - offset ? into.subarray(0, end - offset) : Buffer.allocUnsafe(end - offset);
     await n.file.backend.read(buf, offset);
     return buf;
+  }
+
+  async readSlices(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, size: number): Promise<FileSlices | null> {
+    const b = this.node(nodeid).file.backend;
+    const end = Math.min(offset + size, b.size());
+    if (end <= offset || !b.mapForRead) return null;
+    return b.mapForRead(offset, end - offset);
   }
 
   async write(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, data: Buffer): Promise<number> {

@@ -5,6 +5,7 @@
  */
 import { constants } from 'os';
 import { FuseErrno } from '../fuse/filesystem';
+import type { HostExtents } from '../qcow2/layer';
 import { FileBackend } from './backend';
 
 const SECTOR = 512;
@@ -130,6 +131,9 @@ export class WatchedDisk implements FileBackend {
   get readOnlyReason(): string | null { return this.disk.readOnlyReason; }
   size(): number { return this.disk.size(); }
   read(buf: Buffer, offset: number): Promise<void> { return this.disk.read(buf, offset); }
+  async mapForRead(offset: number, length: number): Promise<HostExtents | null> {
+    return this.disk.mapForRead ? this.disk.mapForRead(offset, length) : null;
+  }
   async write(data: Buffer, offset: number): Promise<void> {
     await this.disk.write(data, offset);
     await this.watch.afterWrite(offset, data.length);
@@ -170,6 +174,11 @@ export class PartitionBackend implements FileBackend {
   async read(buf: Buffer, offset: number): Promise<void> {
     this.check();
     await this.disk.read(buf, this.partition.start + offset);
+  }
+
+  async mapForRead(offset: number, length: number): Promise<HostExtents | null> {
+    this.check();
+    return this.disk.mapForRead ? this.disk.mapForRead(this.partition.start + offset, length) : null;
   }
 
   async write(data: Buffer, offset: number): Promise<void> {

@@ -68,6 +68,18 @@ export interface OpenReply {
   keepCache?: boolean;
 }
 
+/**
+ * A READ reply's bytes as ranges of open host files, which a transport can
+ * move into the reply without copying them through user space (splice).
+ * A slice with fd -1 is a run of zeroes. The ranges must keep their
+ * contents until `release` is called; the transport calls it exactly once,
+ * when the reply is sent or abandoned.
+ */
+export interface FileSlices {
+  slices: Array<{ fd: number; position: number; length: number }>;
+  release(): void;
+}
+
 export interface DirEntry {
   name: string;
   ino: number;
@@ -140,6 +152,13 @@ export interface FuseFilesystem {
    * per request.
    */
   read(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, size: number, into?: Buffer): Promise<Buffer>;
+  /**
+   * The same bytes as read() would return (up to `size`, shorter at end of
+   * file), as host file ranges; null when they cannot be described so, and
+   * the transport then calls read(). Transports that can splice ask this
+   * first for large reads.
+   */
+  readSlices?(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, size: number): Promise<FileSlices | null>;
   /**
    * Write `data` at `offset`; returns bytes written. `data` is only valid
    * until the promise settles (it may be a view of a pooled request buffer).

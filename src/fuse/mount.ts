@@ -12,7 +12,7 @@
 import { spawn } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
-import { clampMaxWrite, codeError, FuseSession, type KernelSessionOptions } from './session';
+import { clampMaxWrite, codeError, FuseSession, readRequestMax, type KernelSessionOptions } from './session';
 import type { ConnectionInfo, FuseFilesystem, FuseMount } from './filesystem';
 
 /** Options of mountKernel(): the shared MountOptions plus kernel-only knobs. */
@@ -86,6 +86,7 @@ export async function mountKernel(filesystem: FuseFilesystem, opts: KernelMountO
   if (!hasMountPrivilege()) {
     throw codeError('EPERM', 'mounting with the kernel transport needs root (CAP_SYS_ADMIN)');
   }
+  opts = { ...opts, maxReadBytes: opts.maxReadBytes ?? readRequestMax(filesystem, opts) };
   const fd = openFuseDevice();
   let session: FuseSession | undefined;
   try {
@@ -210,7 +211,7 @@ export function kernelMountOptions(opts: KernelMountOptions, uid: number, gid: n
     `rootmode=${opts.rootIsFile ? '100000' : '40000'}`,
     `user_id=${uid}`,
     `group_id=${gid}`,
-    `max_read=${clampMaxWrite(opts.maxRequestBytes)}`,
+    `max_read=${opts.maxReadBytes ?? clampMaxWrite(opts.maxRequestBytes)}`,
   ];
   if (opts.allowOther) list.push('allow_other');
   if (opts.defaultPermissions) list.push('default_permissions');

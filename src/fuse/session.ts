@@ -54,7 +54,7 @@ import {
   encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
 } from './encode';
 import {
-  FuseErrno, type ConnectionInfo, type DirEntry, type FuseFilesystem, type MountOptions, type RequestContext,
+  FuseErrno, type ConnectionInfo, type DirEntry, type FileSlices, type FuseFilesystem, type MountOptions, type RequestContext,
 } from './filesystem';
 import { loadNative, type NativeModule, type PollHandle } from '../io/native';
 
@@ -106,6 +106,43 @@ export interface KernelSessionOptions extends MountOptions {
   interruptGraceMs?: number;
   /** Watch the device on the event loop when the native module is there (default true). */
   pollDevice?: boolean;
+  /**
+   * Send large READ replies by splicing the filesystem's file ranges into
+   * the device (readSlices), when the native module is there (default true;
+   * QCOWFS_NO_SPLICE=1 turns it off).
+   */
+  spliceReads?: boolean;
+  /** The max_read the mount was given, when below max_write (see readRequestMax). */
+  maxReadBytes?: number;
+}
+
+/** READs at least this large are spliced; below it, two copies cost less than the thread hop. */
+export const SPLICE_MIN_BYTES = 64 * 1024;
+
+/** Whether a session with these options will splice READ replies of `filesystem`. */
+function splicesReads(filesystem: FuseFilesystem, opts: KernelSessionOptions): boolean {
+  return opts.spliceReads !== false && process.env.QCOWFS_NO_SPLICE !== '1' && typeof filesystem.readSlices === 'function' &&
+    loadNative() !== null;
+}
+
+/**
+ * The largest READ to ask of the kernel (the max_read mount option): max_write,
+ * or less when replies are spliced and a pipe cannot hold a max_write reply.
+ * The kernel takes a spliced reply only whole from the pipe, a pipe slot
+ * holds one page, and the header takes a slot of its own; without
+ * CAP_SYS_RESOURCE a pipe holds pipe-max-size (1 MiB by default). Reads are
+ * then halved to a size whose replies fit (512 KiB), rather than losing
+ * the splice: readahead of 1 MiB becomes two requests in flight at once.
+ */
+export function readRequestMax(filesystem: FuseFilesystem, opts: KernelSessionOptions): number {
+  const maxWrite = clampMaxWrite(opts.maxRequestBytes);
+  if (!splicesReads(filesystem, opts)) return maxWrite;
+  const capacity = loadNative()!.pipeCapacity(Math.min(2 * maxWrite, 8 * 1024 * 1024));
+  if (capacity <= 0) return maxWrite;
+  const dataPages = Math.floor(capacity / FUSE_PAGE_SIZE) - 2;
+  let pages = 1;
+  while (pages * 2 <= dataPages) pages *= 2;
+  return Math.max(FUSE_PAGE_SIZE, Math.min(maxWrite, pages * FUSE_PAGE_SIZE));
 }
 
 const DEFAULT_REQUEST_TIMEOUT_MS = 120_000;
@@ -199,6 +236,10 @@ export class FuseSession {
   private pollParked = false;
   private sweepTimer: NodeJS.Timeout | undefined;
   private conn: ConnectionInfo | undefined;
+  /** Where READ replies are spliced from (native module), or null. */
+  private splicer: NativeModule | null = null;
+  /** Spliced replies still running on the threadpool: the device stays open until they end. */
+  private splicing = 0;
   private destroyed = false;
   private fatal: Error | undefined;
 
@@ -251,6 +292,7 @@ export class FuseSession {
     this.started = true;
     this.sweepTimer = setInterval(() => this.sweep(), SWEEP_INTERVAL_MS);
     this.sweepTimer.unref();
+    if (splicesReads(this.filesystem, this.opts)) this.splicer = loadNative();
     const native = this.opts.pollDevice === false ? null : loadNative();
     if (native !== null && native.setNonblock(this.fd) === 0) {
       this.native = native;
@@ -500,6 +542,18 @@ export class FuseSession {
         return;
       }
       case 'read': {
+        if (this.splicer !== null && req.size >= SPLICE_MIN_BYTES && req.size <= this.maxWrite) {
+          const slices = await f.readSlices!(p, nodeid, req.fh, req.offset, req.size);
+          if (slices !== null) {
+            let sent: boolean;
+            try {
+              sent = await this.spliceRead(p, slices);
+            } finally {
+              slices.release();
+            }
+            if (sent) return;
+          }
+        }
         let into: Buffer | undefined;
         if (req.size > 0 && req.size <= this.maxWrite) {
           into = this.freeReplyBuffers.pop() ?? Buffer.allocUnsafe(this.maxWrite);
@@ -602,7 +656,7 @@ export class FuseSession {
       protoMajor: FUSE_KERNEL_VERSION,
       protoMinor: minor,
       maxWrite: effectiveMax,
-      maxRead: effectiveMax,
+      maxRead: Math.min(effectiveMax, this.opts.maxReadBytes ?? effectiveMax),
       supportsLseek: minor >= 24,
       supportsFallocate: minor >= 19,
     };
@@ -681,6 +735,44 @@ export class FuseSession {
     if (this.debug) this.debugPending(p, `${data.length} bytes`);
   }
 
+  /**
+   * Send a READ reply spliced from file ranges (native/splice.c, on the
+   * threadpool). False when it could not be put together and nothing was
+   * sent: the caller answers with read() instead.
+   */
+  private async spliceRead(p: Pending, s: FileSlices): Promise<boolean> {
+    if (!this.canReply(p)) return true;
+    const native = this.splicer!;
+    const triples = new Float64Array(s.slices.length * 3);
+    let total = 0;
+    s.slices.forEach((x, i) => {
+      triples[3 * i] = x.fd;
+      triples[3 * i + 1] = x.position;
+      triples[3 * i + 2] = x.length;
+      total += x.length;
+    });
+    p.replied = true;
+    this.splicing++;
+    let stage: number;
+    let result: number;
+    try {
+      [stage, result] = await new Promise<[number, number]>((resolve) => {
+        native.spliceReply(this.fd, p.unique, triples, (st, r) => resolve([st, r]));
+      });
+    } finally {
+      this.splicing--;
+    }
+    if (result < 0 && stage === 0) {
+      p.replied = false;
+      // Files that cannot splice will not do better next time (EMSGSIZE: this reply did not fit the pipe).
+      if (result === -E.EINVAL || result === -E.ENOSYS) this.splicer = null;
+      return false;
+    }
+    if (result < 0) this.writeFailed(p, codeError(errnoName(-result), `splice: ${errnoName(-result)}`));
+    if (this.debug) this.debugPending(p, result < 0 ? errnoName(-result) : `${total} bytes (spliced)`);
+    return true;
+  }
+
   private writeFailed(p: Pending, e: unknown): void {
     const code = (e as NodeJS.ErrnoException).code;
     // ENOENT: the request was interrupted and is gone. ENODEV: unmounted.
@@ -741,6 +833,8 @@ export class FuseSession {
     while (this.pending.size > 0 && performance.now() < waitUntil) {
       await new Promise((r) => setTimeout(r, 10));
     }
+    // A spliced reply still running writes to the device: it must not be closed (and its number reused) before.
+    while (this.splicing > 0) await new Promise((r) => setTimeout(r, 10));
     let error = this.fatal;
     try {
       if (this.conn !== undefined) await this.runDestroy();

@@ -57,3 +57,13 @@ export interface HoleMap {
 export function hasHoleMap(dev: BlockDevice): dev is BlockDevice & HoleMap {
   return typeof (dev as Partial<HoleMap>).seekHoleOrData === 'function';
 }
+
+/** Devices over an open host file, whose byte ranges a transport can splice without copying. */
+export interface FileBacked {
+  /** The descriptor; it stays open until close(). */
+  readonly fd: number;
+}
+
+export function hasFileDescriptor(dev: BlockDevice): dev is BlockDevice & FileBacked {
+  return typeof (dev as Partial<FileBacked>).fd === 'number';
+}

@@ -1,6 +1,6 @@
 import * as fs from 'fs';
 import { constants as osConstants } from 'os';
-import { BlockDevice, HoleMap } from './block-device';
+import { BlockDevice, FileBacked, HoleMap } from './block-device';
 import { lockImage, READ_ONLY_LOCK, READ_WRITE_LOCK } from './image-lock';
 import { loadNative, type NativeModule } from './native';
 import { uringReader, type UringReader } from './uring';
@@ -33,7 +33,7 @@ function call<T>(fn: (cb: (err: NodeJS.ErrnoException | null, v?: T) => void) =>
 }
 
 /** A block device over a host file, with positioned I/O on one descriptor. */
-export class FileDevice implements BlockDevice, HoleMap {
+export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private length: number;
   private closed = false;
   /**

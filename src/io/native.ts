@@ -25,6 +25,15 @@ export interface NativeModule {
   /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */
   uringRead(ring: UringHandle, fd: number, buf: Buffer, offset: number, length: number, position: number, id: number): number;
   uringClose(ring: UringHandle): number;
+  /**
+   * On the threadpool, send a FUSE READ reply for `unique` on fuseFd whose
+   * data is spliced from (fd, position, length) triples (fd -1: zeroes).
+   * The callback gets the stage (0: nothing was sent, 1: the kernel refused
+   * it) and the reply's size or -errno.
+   */
+  spliceReply(fuseFd: number, unique: number, slices: Float64Array, callback: (stage: number, result: number) => void): void;
+  /** The size (bytes) a new pipe can be given, up to `bytes`, or -errno. */
+  pipeCapacity(bytes: number): number;
   /** Watch fd on the event loop; the callback gets 0 or a negative libuv status. */
   pollCreate(fd: number, callback: (status: number) => void): PollHandle;
   pollStart(h: PollHandle): number;

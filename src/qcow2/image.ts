@@ -14,7 +14,7 @@
  * when the disk reorders writes that were not yet flushed (power loss).
  */
 import * as path from 'path';
-import { BlockDevice, hasAllocatedSize, readFull } from '../io/block-device';
+import { BlockDevice, hasAllocatedSize, hasFileDescriptor, readFull } from '../io/block-device';
 import { FileDevice } from '../io/file-device';
 import { LockConflictError } from '../io/image-lock';
 import {
@@ -38,7 +38,7 @@ import { TableCache } from './table-cache';
 import { RefcountManager } from './refcount';
 import { decompressClusterAsync, DecompressionError } from './compression';
 import { Snapshot, decodeSnapshotTable, encodeSnapshotTable, snapshotTableSize } from './snapshot';
-import { Layer, MapExtent, RawLayer, mergeExtents } from './layer';
+import { HostExtents, HostSlice, Layer, MapExtent, RawLayer, mergeExtents } from './layer';
 import { RwLock } from './rwlock';
 import { readU64, writeU64, fromWords } from './uint64';
 
@@ -525,14 +525,87 @@ export class Qcow2Image implements Layer {
     try {
       await this.lock.shared(() => this.readGuest(buf, offset));
     } catch (err) {
-      // Corruption met while reading stops all writing in this process, and reads go on. Unlike
-      // QEMU, a read never writes the corrupt bit: serving a stranger's image must not change it.
-      if (err instanceof CorruptImageError && this.readOnlyReason === null) {
-        this.corruption = err;
-        this.readOnlyReason = `image found corrupt: ${err.message}`;
-      }
+      this.noteReadError(err);
       throw err;
     }
+  }
+
+  /**
+   * Corruption met while reading stops all writing in this process, and reads go on. Unlike
+   * QEMU, a read never writes the corrupt bit: serving a stranger's image must not change it.
+   */
+  private noteReadError(err: unknown): void {
+    if (err instanceof CorruptImageError && this.readOnlyReason === null) {
+      this.corruption = err;
+      this.readOnlyReason = `image found corrupt: ${err.message}`;
+    }
+  }
+
+  /**
+   * The host ranges holding [offset, offset+length) of the guest disk, for a
+   * reader that moves them without copying; null when some of it cannot be
+   * (compressed clusters, a backing layer that cannot say, an in-memory
+   * device). The shared lock is held until release(): no cluster of the
+   * range is freed, reused or moved before that.
+   */
+  async mapForRead(offset: number, length: number): Promise<HostExtents | null> {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    const data = this.dataDev;
+    if (!hasFileDescriptor(data)) return null;
+    const releases = [await this.lock.acquireShared()];
+    const release = (): void => {
+      for (const r of releases) r();
+    };
+    const slices: HostSlice[] = [];
+    const add = (s: HostSlice): void => {
+      const last = slices[slices.length - 1];
+      if (last !== undefined && last.fd === s.fd && (s.fd < 0 || last.position + last.length === s.position)) {
+        last.length += s.length;
+      } else {
+        slices.push({ ...s });
+      }
+    };
+    try {
+      for (let done = 0; done < length;) {
+        const at = offset + done;
+        const run = await this.lookup(at, length - done);
+        switch (run.type) {
+          case SubclusterType.Normal:
+            add({ fd: data.fd, position: run.hostOffset, length: run.length });
+            break;
+          case SubclusterType.ZeroPlain:
+          case SubclusterType.ZeroAlloc:
+            add({ fd: -1, position: 0, length: run.length });
+            break;
+          case SubclusterType.UnallocatedPlain:
+          case SubclusterType.UnallocatedAlloc: {
+            const b = this.backing;
+            const below = b === null ? 0 : Math.max(0, Math.min(run.length, b.virtualSize - at));
+            if (below > 0) {
+              const ext = b!.mapForRead ? await b!.mapForRead(at, below) : null;
+              if (ext === null) {
+                release();
+                return null;
+              }
+              releases.push(ext.release);
+              for (const s of ext.slices) add(s);
+            }
+            if (below < run.length) add({ fd: -1, position: 0, length: run.length - below });
+            break;
+          }
+          default:
+            release();
+            return null;
+        }
+        done += run.length;
+      }
+    } catch (err) {
+      release();
+      this.noteReadError(err);
+      throw err;
+    }
+    return { slices, release };
   }
 
   /**
@@ -1329,6 +1402,9 @@ export class Qcow2Image implements Layer {
           await this.dev.flush();
           if (this.dataDev !== this.dev) await this.dataDev.flush();
         });
+      } else {
+        // Reads in flight (and host ranges lent out by mapForRead) finish with the files first.
+        await this.lock.exclusive(async () => undefined);
       }
     } finally {
       this.closed = true;

@@ -3,7 +3,7 @@
  * and say which of its ranges hold data. A qcow2 image is one; a raw file
  * used as a backing file is another.
  */
-import { BlockDevice, hasHoleMap, readFull } from '../io/block-device';
+import { BlockDevice, hasFileDescriptor, hasHoleMap, readFull } from '../io/block-device';
 
 /** One extent of block status, in the shape of `qemu-img map --output=json`. */
 export interface MapExtent {
@@ -20,6 +20,23 @@ export interface MapExtent {
   offset: number | null;
 }
 
+/** A range of an open host file; fd -1 stands for a run of zeroes. */
+export interface HostSlice {
+  fd: number;
+  position: number;
+  length: number;
+}
+
+/**
+ * Where a guest range's bytes lie on the host, for readers that move them
+ * without copying (splice). The layer keeps those ranges as they are (no
+ * cluster is freed or reused) until `release` is called, exactly once.
+ */
+export interface HostExtents {
+  slices: HostSlice[];
+  release(): void;
+}
+
 export interface Layer {
   /** Guest-visible size in bytes. */
   readonly virtualSize: number;
@@ -33,6 +50,12 @@ export interface Layer {
   read(buf: Buffer, offset: number): Promise<void>;
   /** Block status of [offset, offset+length), walking the chain below; depth counted from this layer. */
   blockStatus(offset: number, length: number): Promise<MapExtent[]>;
+  /**
+   * The host ranges holding [offset, offset+length) (within virtualSize), or
+   * null when some of it is not a plain file range (compressed clusters, a
+   * device without a descriptor): read() it then.
+   */
+  mapForRead?(offset: number, length: number): Promise<HostExtents | null>;
   close(): Promise<void>;
 }
 
@@ -48,6 +71,12 @@ export class RawLayer implements Layer {
 
   async read(buf: Buffer, offset: number): Promise<void> {
     await readFull(this.dev, buf, offset);
+  }
+
+  /** The file's own bytes (a raw file's content never moves). */
+  async mapForRead(offset: number, length: number): Promise<HostExtents | null> {
+    if (!hasFileDescriptor(this.dev)) return null;
+    return { slices: [{ fd: this.dev.fd, position: offset, length }], release: () => undefined };
   }
 
   /**

@@ -9,17 +9,28 @@ export class RwLock {
   private readonly queue: Array<{ exclusive: boolean; wake: () => void }> = [];
 
   async shared<T>(fn: () => Promise<T>): Promise<T> {
+    const release = await this.acquireShared();
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+
+  /** Take a shared hold that outlives one call; the returned function releases it (once). */
+  async acquireShared(): Promise<() => void> {
     if (this.writer || this.queue.length > 0) {
       await new Promise<void>((wake) => this.queue.push({ exclusive: false, wake }));
     } else {
       this.readers++;
     }
-    try {
-      return await fn();
-    } finally {
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
       this.readers--;
       this.pump();
-    }
+    };
   }
 
   async exclusive<T>(fn: () => Promise<T>): Promise<T> {

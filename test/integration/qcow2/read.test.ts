@@ -9,7 +9,7 @@ import { expect } from 'chai';
 import * as fs from 'fs';
 import * as path from 'path';
 import { Qcow2Image } from '../../../src/qcow2/image';
-import { MapExtent } from '../../../src/qcow2/layer';
+import { HostSlice, MapExtent } from '../../../src/qcow2/layer';
 import { BackingChainError, OutOfRangeError, UnsupportedImageError } from '../../../src/qcow2/errors';
 import { patternBuffer, qemuImg, qemuInfo, qemuIo, qemuMap, qemuRaw, run, tmpDir } from '../../helpers/qemu';
 
@@ -143,6 +143,39 @@ function expectSameBytes(got: Buffer, want: Buffer, what: string): void {
 }
 
 /** Read the whole disk in chunks of assorted sizes, then around cluster and L2-table boundaries. */
+/** The bytes mapForRead's host slices hold (fd -1: zeroes). */
+function sliceBytes(slices: HostSlice[]): Buffer {
+  return Buffer.concat(slices.map((s) => {
+    const b = Buffer.alloc(s.length);
+    if (s.fd >= 0) fs.readSync(s.fd, b, 0, s.length, s.position);
+    return b;
+  }));
+}
+
+/**
+ * mapForRead, as zero-copy readers use it: the host slices of every range
+ * hold the guest's bytes. Only compressed clusters may make it say null.
+ */
+async function compareMapped(img: Qcow2Image, want: Buffer): Promise<void> {
+  const size = img.virtualSize;
+  const step = Math.max(img.clusterSize, 256 * KiB) + 4097;
+  const compressed = (await img.blockStatus(0, size)).some((e) => e.compressed);
+  for (let pos = 0; pos < size; pos += step) {
+    const n = Math.min(step, size - pos);
+    const m = await img.mapForRead(pos, n);
+    if (m === null) {
+      expect(compressed, `mapForRead(${pos}, ${n}) said null on an image without compressed clusters`).to.equal(true);
+      continue;
+    }
+    try {
+      expect(m.slices.reduce((a, s) => a + s.length, 0)).to.equal(n);
+      expectSameBytes(sliceBytes(m.slices), want.subarray(pos, pos + n), `mapped read of ${pos}+${n}`);
+    } finally {
+      m.release();
+    }
+  }
+}
+
 async function compareReads(img: Qcow2Image, want: Buffer): Promise<void> {
   const size = img.virtualSize;
   const cs = img.clusterSize;
@@ -155,6 +188,7 @@ async function compareReads(img: Qcow2Image, want: Buffer): Promise<void> {
     pos += n;
   }
   expectSameBytes(got, want, 'sequential read');
+  await compareMapped(img, want);
   const l2Span = img.l2Entries * cs;
   const bounds = new Set<number>();
   for (let k = 1; k < 48 && k * cs < size; k++) bounds.add(k * cs);
@@ -752,6 +786,71 @@ describe('qcow2 read engine against QEMU', function () {
         expect(img.readOnly).to.equal(true);
       } finally {
         await img.close();
+      }
+    });
+  });
+
+  describe('host ranges for zero-copy readers (mapForRead)', () => {
+    it('holds the clusters it lent until release: a discard waits, then the range reads as zeroes', async () => {
+      const cs = 64 * KiB;
+      const file = create('lend.qcow2', 8 * cs);
+      io(file, [w(0, 0, 4 * cs)]);
+      const want = qemuRaw(file);
+      const img = await Qcow2Image.openFile(file);
+      try {
+        const m = (await img.mapForRead(cs, 2 * cs))!;
+        expect(m).to.not.equal(null);
+        let discarded = false;
+        const discard = img.writeZeroes(cs, 2 * cs, { unmap: true }).then(() => { discarded = true; });
+        await new Promise((r) => setTimeout(r, 50));
+        expect(discarded, 'the discard waited for the lent range').to.equal(false);
+        expectSameBytes(sliceBytes(m.slices), want.subarray(cs, 3 * cs), 'lent range');
+        m.release();
+        m.release(); // a second release changes nothing
+        await discard;
+        const after = (await img.mapForRead(0, 4 * cs))!;
+        try {
+          expect(after.slices.map((x) => [x.fd < 0, x.length])).to.deep.equal([[false, cs], [true, 2 * cs], [false, cs]]);
+        } finally {
+          after.release();
+        }
+      } finally {
+        await img.close();
+      }
+      expect(run('qemu-img', ['check', file]).status).to.equal(0);
+    });
+
+    it('follows a backing chain into qcow2 and raw files; compressed clusters say null', async () => {
+      const cs = 64 * KiB;
+      const base = p('lend-base.raw');
+      fs.writeFileSync(base, patternBuffer(3 * cs + 100, 5));
+      const mid = create('lend-mid.qcow2', 4 * cs, [], ['-b', base, '-F', 'raw']);
+      io(mid, [w(1, cs, cs)]);
+      const top = create('lend-top.qcow2', 4 * cs, [], ['-b', mid, '-F', 'qcow2']);
+      io(top, [w(2, 2 * cs, 1000)]);
+      const want = qemuRaw(top);
+      const img = await Qcow2Image.openFile(top, { readOnly: true });
+      try {
+        const m = (await img.mapForRead(0, 4 * cs))!;
+        try {
+          expectSameBytes(sliceBytes(m.slices), want, 'the whole chain');
+          expect(new Set(m.slices.filter((x) => x.fd >= 0).map((x) => x.fd)).size).to.equal(3);
+        } finally {
+          m.release();
+        }
+      } finally {
+        await img.close();
+      }
+      const packed = create('lend-c.qcow2', 4 * cs);
+      io(packed, [`write -c -P 0x11 ${cs} ${cs}`]);
+      const c = await Qcow2Image.openFile(packed, { readOnly: true });
+      try {
+        const plain = (await c.mapForRead(0, cs))!;
+        plain.release();
+        expect(plain.slices).to.deep.equal([{ fd: -1, position: 0, length: cs }]);
+        expect(await c.mapForRead(cs - 512, 1024)).to.equal(null);
+      } finally {
+        await c.close();
       }
     });
   });

@@ -103,6 +103,70 @@ describe('native module: non-blocking I/O', () => {
   });
 });
 
+describe('spliced FUSE replies (spliceReply)', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowfs-splice-'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  function splice(outFd: number, unique: number, slices: number[][]): Promise<[number, number]> {
+    return new Promise((resolve) => loadNative()!.spliceReply(outFd, unique, new Float64Array(slices.flat()), (st, r) => resolve([st, r])));
+  }
+
+  it('writes the reply header, then the slices: file ranges, zeroes, and zeroes past the end of a file', async () => {
+    const src = path.join(dir, 'src');
+    const data = randomBytes(300_000);
+    fs.writeFileSync(src, data);
+    const out = path.join(dir, 'out');
+    const inFd = fs.openSync(src, 'r');
+    const outFd = fs.openSync(out, 'w');
+    try {
+      // 100 KiB at an odd offset, 70000 zeroes, 1000 bytes straddling the end of the file.
+      const slices = [[inFd, 12345, 102400], [-1, 0, 70000], [inFd, 299_500, 1000]];
+      const [stage, result] = await splice(outFd, 2 ** 40 + 7, slices);
+      expect([stage, result]).to.deep.equal([1, 16 + 102400 + 70000 + 1000]);
+      const got = fs.readFileSync(out);
+      expect(got.readUInt32LE(0)).to.equal(got.length);
+      expect(got.readInt32LE(4)).to.equal(0);
+      expect(got.readBigUInt64LE(8)).to.equal(2n ** 40n + 7n);
+      const want = Buffer.concat([data.subarray(12345, 12345 + 102400), Buffer.alloc(70000), data.subarray(299_500), Buffer.alloc(500)]);
+      expect(got.subarray(16).equals(want)).to.equal(true);
+    } finally {
+      fs.closeSync(inFd);
+      fs.closeSync(outFd);
+    }
+  });
+
+  it('says at which stage it failed: nothing sent (bad source, too large) or refused by the receiver', async () => {
+    const src = path.join(dir, 'src');
+    fs.writeFileSync(src, randomBytes(8192));
+    const inFd = fs.openSync(src, 'r');
+    const outFd = fs.openSync(path.join(dir, 'out'), 'w');
+    try {
+      expect(await splice(outFd, 1, [[987654, 0, 4096]])).to.deep.equal([0, -E.EBADF]);
+      expect(await splice(outFd, 1, [[inFd, 0, 64 << 20]])).to.deep.equal([0, -E.EMSGSIZE]);
+      expect(await splice(inFd, 1, [[inFd, 0, 4096]])).to.deep.equal([1, -E.EBADF]); // read-only receiver
+      // The thread's pipe was dropped with the failed reply: the next one is whole.
+      expect(await splice(outFd, 3, [[inFd, 0, 8192]])).to.deep.equal([1, 16 + 8192]);
+      expect(fs.statSync(path.join(dir, 'out')).size).to.equal(16 + 8192);
+      expect(() => loadNative()!.spliceReply(outFd, 1, new Float64Array([inFd, 0]), () => undefined)).to.throw(TypeError);
+    } finally {
+      fs.closeSync(inFd);
+      fs.closeSync(outFd);
+    }
+  });
+
+  it('pipeCapacity says how large a pipe may grow', () => {
+    const n = loadNative()!;
+    expect(n.pipeCapacity(64 * 1024)).to.equal(64 * 1024);
+    const big = n.pipeCapacity(4 << 20);
+    const max = Number(fs.readFileSync('/proc/sys/fs/pipe-max-size', 'utf8'));
+    // Past pipe-max-size only with CAP_SYS_RESOURCE.
+    expect(big).to.be.oneOf([4 << 20, Math.min(max, 4 << 20)]);
+  });
+});
+
 describe('io_uring reads', () => {
   let dir: string;
   beforeEach(() => {
