@@ -56,22 +56,15 @@ static void done_inflate(napi_env env, napi_status status, void *data) {
   inflate_job_t *j = data;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
-  napi_value cb, global, argv[2];
-  napi_get_reference_value(env, j->cb_ref, &cb);
-  napi_get_global(env, &global);
+  napi_value argv[2];
   napi_get_boolean(env, status == napi_ok && j->ok, &argv[0]);
   napi_create_string_utf8(env, status == napi_ok ? j->message : "cancelled", NAPI_AUTO_LENGTH, &argv[1]);
+  napi_ref cb_ref = j->cb_ref;
   napi_delete_reference(env, j->src_ref);
   napi_delete_reference(env, j->dst_ref);
-  napi_delete_reference(env, j->cb_ref);
   napi_delete_async_work(env, j->work);
   free(j);
-  napi_value result;
-  if (napi_call_function(env, global, cb, 2, argv, &result) == napi_pending_exception) {
-    napi_value err;
-    napi_get_and_clear_last_exception(env, &err);
-    napi_fatal_exception(env, err);
-  }
+  native_call_once(env, cb_ref, 2, argv);
   napi_close_handle_scope(env, scope);
 }
 

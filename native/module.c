@@ -45,6 +45,18 @@ void native_callback_free(napi_env env, native_callback_t *cb) {
   napi_async_destroy(env, cb->context);
 }
 
+void native_call_once(napi_env env, napi_ref fn_ref, size_t argc, napi_value *argv) {
+  napi_value fn, global, result;
+  napi_get_reference_value(env, fn_ref, &fn);
+  napi_delete_reference(env, fn_ref);
+  napi_get_global(env, &global);
+  if (napi_call_function(env, global, fn, argc, argv, &result) == napi_pending_exception) {
+    napi_value err;
+    napi_get_and_clear_last_exception(env, &err);
+    napi_fatal_exception(env, err);
+  }
+}
+
 NAPI_MODULE_INIT() {
   register_ofd_lock(env, exports);
   register_fast_io(env, exports);

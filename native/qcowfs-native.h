@@ -24,4 +24,11 @@ void native_callback_init(napi_env env, native_callback_t *cb, napi_value fn, co
 void native_callback_call(napi_env env, native_callback_t *cb, size_t argc, napi_value *argv);
 void native_callback_free(napi_env env, native_callback_t *cb);
 
+/*
+ * Call the function `fn_ref` holds once, from an async work's completion
+ * (inside a handle scope), and drop the reference; an exception it throws
+ * is fatal, as Node's own.
+ */
+void native_call_once(napi_env env, napi_ref fn_ref, size_t argc, napi_value *argv);
+
 #endif

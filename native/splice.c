@@ -223,20 +223,14 @@ static void done_splice(napi_env env, napi_status status, void *data) {
   splice_job_t *j = data;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
-  napi_value cb, global, argv[2], result;
-  napi_get_reference_value(env, j->cb_ref, &cb);
-  napi_get_global(env, &global);
+  napi_value argv[2];
   argv[0] = native_number(env, status == napi_ok ? j->stage : 0);
   argv[1] = native_number(env, status == napi_ok ? j->result : -ECANCELED);
-  napi_delete_reference(env, j->cb_ref);
+  napi_ref cb_ref = j->cb_ref;
   napi_delete_async_work(env, j->work);
   free(j->slices);
   free(j);
-  if (napi_call_function(env, global, cb, 2, argv, &result) == napi_pending_exception) {
-    napi_value err;
-    napi_get_and_clear_last_exception(env, &err);
-    napi_fatal_exception(env, err);
-  }
+  native_call_once(env, cb_ref, 2, argv);
   napi_close_handle_scope(env, scope);
 }
 

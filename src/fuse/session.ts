@@ -26,6 +26,11 @@
  * Replies are written synchronously (writeSync / writevSync) from the main
  * thread: the kernel copies them straight into the waiting request, so they
  * never block, and a READ reply goes out as header + data without a copy.
+ * A large READ of a filesystem that can name its bytes as file ranges
+ * (readSlices) is instead spliced from those files into the device on the
+ * threadpool (native/splice.c): no copy in user space, and the kernel's one
+ * copy off the event loop. The mount's max_read is sized so such a reply
+ * fits in a pipe (readRequestMax).
  *
  * One reply per request. A handler's result or thrown error (mapped once by
  * opts.errnoOf, FuseErrno used as is) is the reply. A handler that does not
