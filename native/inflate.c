@@ -93,10 +93,7 @@ static napi_value InflateCluster(napi_env env, napi_callback_info info) {
   napi_create_reference(env, argv[0], 1, &j->src_ref);
   napi_create_reference(env, argv[1], 1, &j->dst_ref);
   napi_create_reference(env, argv[2], 1, &j->cb_ref);
-  napi_value name;
-  napi_create_string_utf8(env, "qcowfs.inflate", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, run_inflate, done_inflate, j, &j->work);
-  napi_queue_async_work(env, j->work);
+  native_queue_work(env, "qcowfs.inflate", run_inflate, done_inflate, j, &j->work);
   return NULL;
 }
 

@@ -45,6 +45,14 @@ void native_callback_free(napi_env env, native_callback_t *cb) {
   napi_async_destroy(env, cb->context);
 }
 
+void native_queue_work(napi_env env, const char *name, napi_async_execute_callback execute,
+                       napi_async_complete_callback complete, void *data, napi_async_work *work) {
+  napi_value resource_name;
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name);
+  napi_create_async_work(env, NULL, resource_name, execute, complete, data, work);
+  napi_queue_async_work(env, *work);
+}
+
 void native_call_once(napi_env env, napi_ref fn_ref, size_t argc, napi_value *argv) {
   napi_value fn, global, result;
   napi_get_reference_value(env, fn_ref, &fn);

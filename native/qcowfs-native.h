@@ -24,6 +24,10 @@ void native_callback_init(napi_env env, native_callback_t *cb, napi_value fn, co
 void native_callback_call(napi_env env, native_callback_t *cb, size_t argc, napi_value *argv);
 void native_callback_free(napi_env env, native_callback_t *cb);
 
+/* Run `execute` on the threadpool, then `complete` on the event loop (which deletes `*work`). */
+void native_queue_work(napi_env env, const char *name, napi_async_execute_callback execute,
+                       napi_async_complete_callback complete, void *data, napi_async_work *work);
+
 /*
  * Call the function `fn_ref` holds once, from an async work's completion
  * (inside a handle scope), and drop the reference; an exception it throws

@@ -276,10 +276,7 @@ static napi_value SpliceReply(napi_env env, napi_callback_info info) {
   j->count = length / 3;
   j->slices = slices;
   napi_create_reference(env, argv[3], 1, &j->cb_ref);
-  napi_value name;
-  napi_create_string_utf8(env, "qcowfs.splice", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, run_splice, done_splice, j, &j->work);
-  napi_queue_async_work(env, j->work);
+  native_queue_work(env, "qcowfs.splice", run_splice, done_splice, j, &j->work);
   return NULL;
 }
 

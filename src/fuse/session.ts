@@ -754,12 +754,10 @@ export class FuseSession {
     if (!this.canReply(p)) return true;
     const native = this.splicer!;
     const triples = new Float64Array(s.slices.length * 3);
-    let total = 0;
     s.slices.forEach((x, i) => {
       triples[3 * i] = x.fd;
       triples[3 * i + 1] = x.position;
       triples[3 * i + 2] = x.length;
-      total += x.length;
     });
     p.replied = true;
     this.splicing++;
@@ -779,7 +777,7 @@ export class FuseSession {
       return false;
     }
     if (result < 0) this.writeFailed(p, codeError(errnoName(-result), `splice: ${errnoName(-result)}`));
-    if (this.debug) this.debugPending(p, result < 0 ? errnoName(-result) : `${total} bytes (spliced)`);
+    if (this.debug) this.debugPending(p, result < 0 ? errnoName(-result) : `${result - FUSE_OUT_HEADER_SIZE} bytes (spliced)`);
     return true;
   }
 

@@ -566,6 +566,7 @@ export class Qcow2Image implements Layer {
         slices.push({ ...s });
       }
     };
+    let lent = false;
     try {
       for (let done = 0; done < length;) {
         const at = offset + done;
@@ -582,12 +583,9 @@ export class Qcow2Image implements Layer {
           case SubclusterType.UnallocatedAlloc: {
             const b = this.backing;
             const below = b === null ? 0 : Math.max(0, Math.min(run.length, b.virtualSize - at));
-            if (below > 0) {
-              const ext = b!.mapForRead ? await b!.mapForRead(at, below) : null;
-              if (ext === null) {
-                release();
-                return null;
-              }
+            if (b !== null && below > 0) {
+              const ext = b.mapForRead ? await b.mapForRead(at, below) : null;
+              if (ext === null) return null;
               releases.push(ext.release);
               for (const s of ext.slices) add(s);
             }
@@ -595,17 +593,18 @@ export class Qcow2Image implements Layer {
             break;
           }
           default:
-            release();
             return null;
         }
         done += run.length;
       }
+      lent = true;
+      return { slices, release };
     } catch (err) {
-      release();
       this.noteReadError(err);
       throw err;
+    } finally {
+      if (!lent) release();
     }
-    return { slices, release };
   }
 
   /**
