@@ -935,44 +935,57 @@ export class Qcow2Image implements Layer {
     const ownHost = hasOldHost && (isCopied(old.hi) || this.hasDataFile);
     const firstSc = Math.floor(inCluster / scs);
     const lastSc = Math.floor((inCluster + data.length - 1) / scs);
-    // The new cluster image: only the parts we write are meaningful.
-    const buf = Buffer.alloc(ownHost ? (lastSc - firstSc + 1) * scs : cs);
-    const bufBase = ownHost ? firstSc * scs : 0;
-    const oldView = async (s: number, into: Buffer): Promise<void> => {
-      // Guest-visible contents of subcluster s before this write.
-      const t = types[s];
-      if (t === SubclusterType.Normal) await readFull(this.dataDev, into, oldHost + s * scs);
-      else if (t === SubclusterType.Compressed) {
-        const d = decodeCompressedDescriptor(old.hi, old.lo, this.clusterBits);
-        (await this.compressedCluster(d)).copy(into, 0, s * scs, (s + 1) * scs);
-      } else if (isZeroType(t)) into.fill(0);
-      else await this.readBacking(into, clusterStart + s * scs);
-    };
+    const covers = (s: number): boolean => inCluster <= s * scs && inCluster + data.length >= (s + 1) * scs;
+    // What of the cluster the new one must carry over from the old state:
+    // the rest of each partly written subcluster, and, when the data moves
+    // to a new host cluster, every untouched subcluster with data.
+    const keeps = (s: number): boolean => (s >= firstSc && s <= lastSc ? !covers(s) : !ownHost && (types[s] === SubclusterType.Normal || types[s] === SubclusterType.Compressed));
+    /** The old contents of subcluster s read as zeroes (no backing data shows through). */
+    const readsZero = (s: number): boolean => isZeroType(types[s]) || ((types[s] === SubclusterType.UnallocatedPlain || types[s] === SubclusterType.UnallocatedAlloc) && !this.backing);
+    let inPlace = ownHost;
+    let zeroRest = !ownHost && !this.hasDataFile;
+    for (let s = 0; s < this.subclustersPerCluster && (inPlace || zeroRest); s++) {
+      if (!keeps(s)) continue;
+      if (types[s] !== SubclusterType.Normal) inPlace = false;
+      if (!readsZero(s)) zeroRest = false;
+    }
     const newTypes = types.slice();
-    for (let s = 0; s < this.subclustersPerCluster; s++) {
-      const touched = s >= firstSc && s <= lastSc;
-      if (touched) {
-        const sStart = s * scs;
-        const covered = inCluster <= sStart && inCluster + data.length >= sStart + scs;
-        const view = buf.subarray(sStart - bufBase, sStart - bufBase + scs);
-        if (!covered) await oldView(s, view);
-        newTypes[s] = SubclusterType.Normal;
-      } else if (!ownHost && (types[s] === SubclusterType.Normal || types[s] === SubclusterType.Compressed)) {
-        await oldView(s, buf.subarray(s * scs, (s + 1) * scs));
+    for (let s = firstSc; s <= lastSc; s++) newTypes[s] = SubclusterType.Normal;
+    let host: number;
+    if (ownHost) host = oldHost;
+    else if (this.hasDataFile) host = clusterStart; // external data files map guest offset == host offset
+    else host = await this.refcounts!.allocate(1);
+    if (inPlace || (zeroRest && host >= this.dataDev.size())) {
+      // Only the new bytes move: either the cluster is ours and what the write
+      // leaves of it is data already there, or it is a new cluster past the end
+      // of the file, where everything around the data already reads as zeroes
+      // (QEMU too leaves the zero parts of a new cluster unwritten).
+      this.checkDataOverlap(host + inCluster, data.length);
+      await this.dataDev.pwrite(data, host + inCluster);
+      if (inPlace && newTypes.every((t, s) => t === types[s])) return;
+    } else {
+      // The new cluster image: only the parts we write are meaningful.
+      const buf = Buffer.alloc(ownHost ? (lastSc - firstSc + 1) * scs : cs);
+      const bufBase = ownHost ? firstSc * scs : 0;
+      const oldView = async (s: number, into: Buffer): Promise<void> => {
+        // Guest-visible contents of subcluster s before this write.
+        const t = types[s];
+        if (t === SubclusterType.Normal) await readFull(this.dataDev, into, oldHost + s * scs);
+        else if (t === SubclusterType.Compressed) {
+          const d = decodeCompressedDescriptor(old.hi, old.lo, this.clusterBits);
+          (await this.compressedCluster(d)).copy(into, 0, s * scs, (s + 1) * scs);
+        } else if (isZeroType(t)) into.fill(0);
+        else await this.readBacking(into, clusterStart + s * scs);
+      };
+      for (let s = 0; s < this.subclustersPerCluster; s++) {
+        if (!keeps(s)) continue;
+        await oldView(s, buf.subarray(s * scs - bufBase, (s + 1) * scs - bufBase));
         newTypes[s] = SubclusterType.Normal;
       }
+      data.copy(buf, inCluster - bufBase);
+      this.checkDataOverlap(host + bufBase, buf.length);
+      await this.dataDev.pwrite(buf, host + bufBase);
     }
-    data.copy(buf, inCluster - bufBase);
-    let host: number;
-    if (ownHost) {
-      host = oldHost;
-    } else if (this.hasDataFile) {
-      host = clusterStart; // external data files map guest offset == host offset
-    } else {
-      host = await this.refcounts!.allocate(1);
-    }
-    this.checkDataOverlap(host + bufBase, buf.length);
-    await this.dataDev.pwrite(buf, host + bufBase);
     // New entry.
     const entry: L2Entry = { ...encodeOffsetEntry(host, true), bitmapHi: 0, bitmapLo: 0 };
     if (this.extendedL2) {

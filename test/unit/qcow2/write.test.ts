@@ -72,6 +72,63 @@ describe('qcow2 write engine (memory device)', () => {
       expect(qemuRaw(file).subarray(8 * MiB, 12 * MiB).equals(patternBuffer(4 * MiB, 2))).to.equal(true);
     });
 
+    it('a write into part of a new cluster past the end of the file writes only its bytes; QEMU reads the rest as zeroes', async () => {
+      const { dev, img } = await newImage({ size: 16 * MiB, clusterSize: 64 * KiB });
+      await img.write(patternBuffer(64 * KiB, 4), 0); // the L2 table exists from here on
+      await img.flush();
+      const before = { ...dev.stats };
+      const data = patternBuffer(4 * KiB, 5);
+      await img.write(data, 10 * 64 * KiB + 8 * KiB);
+      expect(dev.stats.bytesWritten - before.bytesWritten).to.equal(4 * KiB);
+      expect(dev.stats.reads - before.reads).to.equal(0);
+      await img.close();
+      // The file ends inside the new cluster, as QEMU allows.
+      expect(dev.size() % (64 * KiB)).to.not.equal(0);
+      const expected = Buffer.alloc(16 * MiB);
+      patternBuffer(64 * KiB, 4).copy(expected, 0);
+      data.copy(expected, 10 * 64 * KiB + 8 * KiB);
+      const file = expectQemuClean(dev, 'after a partial write past the end');
+      expect(qemuRaw(file).equals(expected)).to.equal(true);
+    });
+
+    it('a write into part of a reused cluster zeroes the rest of it (the old data must not show through)', async () => {
+      const { dev, img } = await newImage({ size: 16 * MiB, clusterSize: 64 * KiB });
+      await img.write(patternBuffer(1 * MiB, 1), 0);
+      await img.flush();
+      await img.discard(0, 1 * MiB);
+      await img.flush();
+      const size = dev.size();
+      const data = patternBuffer(4 * KiB, 6);
+      await img.write(data, 8 * MiB + 12 * KiB);
+      await img.flush();
+      expect(dev.size(), 'a freed cluster was reused').to.equal(size);
+      const back = Buffer.alloc(64 * KiB);
+      await img.read(back, 8 * MiB);
+      const expected = Buffer.alloc(64 * KiB);
+      data.copy(expected, 12 * KiB);
+      expect(back.equals(expected)).to.equal(true);
+      await img.close();
+      const file = expectQemuClean(dev, 'after a partial write into a reused cluster');
+      expect(qemuRaw(file).subarray(8 * MiB, 8 * MiB + 64 * KiB).equals(expected)).to.equal(true);
+    });
+
+    it('a write that ends in a cluster the image owns and goes on into new ones reads nothing back', async () => {
+      const { dev, img } = await newImage({ size: 16 * MiB, clusterSize: 64 * KiB });
+      await img.write(patternBuffer(64 * KiB, 2), 0);
+      await img.flush();
+      const before = { ...dev.stats };
+      const data = patternBuffer(100 * KiB, 7);
+      await img.write(data, 60 * KiB);
+      expect(dev.stats.reads - before.reads, 'reads').to.equal(0);
+      expect(dev.stats.bytesWritten - before.bytesWritten, 'bytes written').to.equal(100 * KiB);
+      await img.close();
+      const expected = Buffer.alloc(16 * MiB);
+      patternBuffer(64 * KiB, 2).copy(expected, 0);
+      data.copy(expected, 60 * KiB);
+      const file = expectQemuClean(dev, 'after a straddling write');
+      expect(qemuRaw(file).equals(expected)).to.equal(true);
+    });
+
     it('regression: a run of at least one refcount block of clusters where no block exists yet is allocated (it used to loop forever)', async function () {
       this.timeout(10000);
       // 512 B clusters with 64-bit refcounts: one block covers 64 clusters.
