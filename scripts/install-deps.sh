@@ -8,6 +8,7 @@ pkgs=(
   libfuse2             # libfuse.so.2, which the fuse-native transport loads
   e2fsprogs            # mkfs.ext4, e2fsck for loop-mount tests
   util-linux           # losetup, mount, setpriv
+  util-linux-extra     # fincore, to see what of a file is in the page cache
   fdisk                # sfdisk, to partition disks in tests
   python3              # lseek SEEK_DATA/SEEK_HOLE probes in tests
   fio                  # benchmark and concurrency tests

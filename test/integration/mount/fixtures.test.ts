@@ -286,6 +286,35 @@ describe('qcowfs mount: images read through a real mount', function () {
     expect(sha(img)).to.equal(before);
   });
 
+  it('--direct-io: reads and writes reach the image past the page cache (nothing of the raw file is cached); refused on libfuse', () => {
+    const img = fixtures[2].make(sb); // zero and compressed clusters: every read path
+    const want = fs.readFileSync(qemuConvertRaw(img, `${img}.want`));
+    sb.mount('--direct-io', img, mnt);
+    const raw = path.join(mnt, 'c64k.raw');
+    expectSameBytes(raw, `${img}.want`);
+    // Odd-sized, unaligned writes and reads, as a direct-I/O file takes them.
+    const fd = fs.openSync(raw, 'r+');
+    try {
+      const data = patternBuffer(300001, 41);
+      fs.writeSync(fd, data, 0, data.length, 1234567);
+      data.copy(want, 1234567);
+      const back = Buffer.alloc(5000);
+      fs.readSync(fd, back, 0, back.length, 1234000);
+      expect(back.equals(want.subarray(1234000, 1239000))).to.equal(true);
+    } finally {
+      fs.closeSync(fd);
+    }
+    const cached = run('fincore', ['--bytes', '--noheadings', '--raw', '--output', 'RES', raw]).stdout.trim();
+    expect(cached, 'bytes of the raw file in the page cache').to.equal('0');
+    sb.unmount(mnt);
+    expectCheckClean(img);
+    expect(fs.readFileSync(qemuConvertRaw(img, `${img}.after`)).equals(want)).to.equal(true);
+    const r = qcowfs('mount', '--direct-io', '--transport', 'libfuse', img, mnt);
+    expect(r.status).to.equal(2);
+    expect(r.stderr).to.match(/--direct-io needs the kernel transport/);
+    expect(isMounted(mnt)).to.equal(false);
+  });
+
   it('--snapshot NAME serves an internal snapshot, read-only; --snapshots serves them beside the image', () => {
     const img = sb.path('snap.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '8M');
