@@ -951,10 +951,11 @@ export class Qcow2Image implements Layer {
     }
     const newTypes = types.slice();
     for (let s = firstSc; s <= lastSc; s++) newTypes[s] = SubclusterType.Normal;
-    let host: number;
-    if (ownHost) host = oldHost;
-    else if (this.hasDataFile) host = clusterStart; // external data files map guest offset == host offset
-    else host = await this.refcounts!.allocate(1);
+    // Where the cluster goes: its own host cluster, the same offset in an external
+    // data file, or a new cluster (taken after any reads of the old contents, so a
+    // failed read leaks nothing).
+    const place = async (): Promise<number> => (ownHost ? oldHost : this.hasDataFile ? clusterStart : this.refcounts!.allocate(1));
+    let host = inPlace || zeroRest ? await place() : -1;
     if (inPlace || (zeroRest && host >= this.dataDev.size())) {
       // Only the new bytes move: either the cluster is ours and what the write
       // leaves of it is data already there, or it is a new cluster past the end
@@ -983,6 +984,7 @@ export class Qcow2Image implements Layer {
         newTypes[s] = SubclusterType.Normal;
       }
       data.copy(buf, inCluster - bufBase);
+      if (host < 0) host = await place();
       this.checkDataOverlap(host + bufBase, buf.length);
       await this.dataDev.pwrite(buf, host + bufBase);
     }
