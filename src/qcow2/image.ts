@@ -940,14 +940,12 @@ export class Qcow2Image implements Layer {
     // the rest of each partly written subcluster, and, when the data moves
     // to a new host cluster, every untouched subcluster with data.
     const keeps = (s: number): boolean => (s >= firstSc && s <= lastSc ? !covers(s) : !ownHost && (types[s] === SubclusterType.Normal || types[s] === SubclusterType.Compressed));
-    /** The old contents of subcluster s read as zeroes (no backing data shows through). */
-    const readsZero = (s: number): boolean => isZeroType(types[s]) || ((types[s] === SubclusterType.UnallocatedPlain || types[s] === SubclusterType.UnallocatedAlloc) && !this.backing);
     let inPlace = ownHost;
     let zeroRest = !ownHost && !this.hasDataFile;
     for (let s = 0; s < this.subclustersPerCluster && (inPlace || zeroRest); s++) {
       if (!keeps(s)) continue;
       if (types[s] !== SubclusterType.Normal) inPlace = false;
-      if (!readsZero(s)) zeroRest = false;
+      if (!this.readsAsZeroes(types[s], clusterStart + s * scs)) zeroRest = false;
     }
     const newTypes = types.slice();
     for (let s = firstSc; s <= lastSc; s++) newTypes[s] = SubclusterType.Normal;
@@ -1151,11 +1149,15 @@ export class Qcow2Image implements Layer {
   private async zeroBytes(pos: number, len: number): Promise<void> {
     if (len <= 0) return;
     const run = await this.lookup(pos, len);
-    if (run.length >= len) {
-      if (isZeroType(run.type)) return;
-      if ((run.type === SubclusterType.UnallocatedPlain || run.type === SubclusterType.UnallocatedAlloc) && (!this.backing || pos >= this.backing.virtualSize)) return;
-    }
+    if (run.length >= len && this.readsAsZeroes(run.type, pos)) return;
     await this.writeLocked(Buffer.alloc(len), pos);
+  }
+
+  /** Whether guest data of this type, from guestOffset on, reads as zeroes (no backing data shows through). */
+  private readsAsZeroes(type: SubclusterType, guestOffset: number): boolean {
+    if (isZeroType(type)) return true;
+    if (type !== SubclusterType.UnallocatedPlain && type !== SubclusterType.UnallocatedAlloc) return false;
+    return !this.backing || guestOffset >= this.backing.virtualSize;
   }
 
   /** Mark subclusters [first, last) of a cluster as zero (v3 / extended L2). */
