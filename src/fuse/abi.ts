@@ -8,11 +8,14 @@
 /** Protocol version we speak (fuse.h FUSE_KERNEL_VERSION / _MINOR_VERSION). */
 export const FUSE_KERNEL_VERSION = 7;
 /**
- * The highest minor version we implement. 7.31 covers everything we use:
- * LSEEK (7.24), PARALLEL_DIROPS (7.25), MAX_PAGES (7.28). We never ask for
- * the 7.36+ extensions (flags2, security contexts, in-header extensions).
+ * The highest minor version we implement: LSEEK (7.24), PARALLEL_DIROPS
+ * (7.25), MAX_PAGES (7.28), and from 7.39 shared mmap of direct-I/O files
+ * (FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 of 7.36). Everything else 7.32–7.39
+ * added is either asked for by an INIT flag we never set (security contexts,
+ * in-header extensions, submounts, extended setxattr) or a new request that
+ * we answer ENOSYS and the kernel then stops sending (TMPFILE, STATX).
  */
-export const FUSE_KERNEL_MINOR_VERSION = 31;
+export const FUSE_KERNEL_MINOR_VERSION = 39;
 /**
  * The oldest kernel minor we accept: 7.9 fixed the sizes of getattr_in,
  * read_in, write_in, entry_out and attr_out; older kernels are not worth the
@@ -109,8 +112,12 @@ export const FUSE_MAX_PAGES = 1 << 22;
 export const FUSE_CACHE_SYMLINKS = 1 << 23;
 export const FUSE_NO_OPENDIR_SUPPORT = 1 << 24;
 export const FUSE_EXPLICIT_INVAL_DATA = 1 << 25;
-/** Bit 30: fuse_init_in carries flags2 (7.36). Written unsigned-safe below. */
+/** Bit 30: fuse_init_in/_out carry flags2 (7.36). Written unsigned-safe below. */
 export const FUSE_INIT_EXT = 0x40000000;
+
+// --- INIT flags2: bits 32 and up of the flags above, as fuse_init_in/_out.flags2 ---
+/** fuse.h FUSE_DIRECT_IO_ALLOW_MMAP (1ULL << 36): shared mmap of FOPEN_DIRECT_IO files (7.39). */
+export const FUSE_DIRECT_IO_ALLOW_MMAP = 1 << (36 - 32);
 
 // --- fuse_setattr_in.valid --------------------------------------------------
 export const FATTR_MODE = 1 << 0;

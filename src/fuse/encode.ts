@@ -170,6 +170,8 @@ export interface InitReply {
   timeGran: number;
   /** Max pages per request when FUSE_MAX_PAGES is set (7.28+). */
   maxPages: number;
+  /** Flags 32 and up (7.36+); read by the kernel only when flags has FUSE_INIT_EXT. */
+  flags2?: number;
 }
 
 /**
@@ -196,6 +198,7 @@ export function encodeInit(buf: Buffer, unique: number, r: InitReply): number {
   if (size > FUSE_COMPAT_22_INIT_OUT_SIZE) {
     buf.writeUInt32LE(r.timeGran >>> 0, o + 24);
     buf.writeUInt16LE(r.maxPages, o + 28);
+    buf.writeUInt32LE((r.flags2 ?? 0) >>> 0, o + 32);
   }
   return len;
 }

@@ -49,7 +49,7 @@ import * as fs from 'fs';
 import { constants as osConstants } from 'os';
 import { performance } from 'perf_hooks';
 import {
-  FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_KERNEL_MINOR_VERSION,
+  FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION,
   FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
   FUSE_MIN_READ_BUFFER, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, opcodeName, OPCODES,
 } from './abi';
@@ -657,7 +657,10 @@ export class FuseSession {
     }
     const minor = Math.min(req.minor, FUSE_KERNEL_MINOR_VERSION);
     const wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_ASYNC_DIO | FUSE_ABORT_ERROR;
-    const flags = (req.flags & wanted) >>> 0;
+    // Shared mmap of direct-I/O files (mount --direct-io, partition files): the kernel
+    // then keeps the mapped pages coherent with direct reads and writes itself.
+    const flags2 = req.flags & FUSE_INIT_EXT ? (req.flags2 & FUSE_DIRECT_IO_ALLOW_MMAP) >>> 0 : 0;
+    const flags = ((req.flags & wanted) | (flags2 !== 0 ? FUSE_INIT_EXT : 0)) >>> 0;
     const maxPages = Math.min(FUSE_MAX_MAX_PAGES, Math.ceil(this.maxWrite / FUSE_PAGE_SIZE));
     // Without FUSE_MAX_PAGES the kernel caps a request at 32 pages.
     const effectiveMax = flags & FUSE_MAX_PAGES ? this.maxWrite : Math.min(this.maxWrite, 32 * FUSE_PAGE_SIZE);
@@ -686,9 +689,10 @@ export class FuseSession {
       maxWrite: this.maxWrite,
       timeGran: 1,
       maxPages,
+      flags2,
     });
     this.conn = conn;
-    this.send(p, len, this.debug ? `7.${minor} max_write=${this.maxWrite} flags=0x${flags.toString(16)}` : '');
+    this.send(p, len, this.debug ? `7.${minor} max_write=${this.maxWrite} flags=0x${flags.toString(16)} flags2=0x${flags2.toString(16)}` : '');
     this.resolveInit(conn);
   }
 
@@ -881,7 +885,7 @@ function errnoName(errno: number): string {
 /** Key arguments of a request, for debug output. */
 function describe(req: FuseRequest): string {
   switch (req.kind) {
-    case 'init': return `kernel=${req.major}.${req.minor} flags=0x${(req.flags >>> 0).toString(16)} readahead=${req.maxReadahead}`;
+    case 'init': return `kernel=${req.major}.${req.minor} flags=0x${(req.flags >>> 0).toString(16)} flags2=0x${(req.flags2 >>> 0).toString(16)} readahead=${req.maxReadahead}`;
     case 'lookup': return `name=${JSON.stringify(req.name)}`;
     case 'getattr': return req.fh === undefined ? '' : `fh=${req.fh}`;
     case 'setattr': return `valid=0x${req.valid.toString(16)} ${JSON.stringify(req.changes)}`;

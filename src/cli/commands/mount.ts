@@ -27,7 +27,7 @@ const options: OptionSpec[] = [
   { name: 'transport', value: true, meta: 'kernel|libfuse', help: 'kernel: the FUSE protocol over /dev/fuse (needs root); libfuse: through fusermount (unprivileged). Default: kernel when allowed' },
   { name: 'l2-cache', value: true, meta: 'SIZE', help: 'bytes of L2 tables cached per image (default 32M)' },
   { name: 'refcount-cache', value: true, meta: 'SIZE', help: 'bytes of refcount blocks cached per image (default 4M)' },
-  { name: 'direct-io', help: 'bypass the kernel page cache, as QEMU\'s FUSE export does: faster big sequential transfers, far slower small reads, no shared mmap (kernel transport only)' },
+  { name: 'direct-io', help: 'bypass the kernel page cache, as QEMU\'s FUSE export does: faster big sequential transfers, far slower small reads; shared mmap needs Linux 6.6+ (kernel transport only)' },
   { name: 'max-request', value: true, meta: 'SIZE', help: 'largest read/write request to negotiate (default 1M)' },
   { name: 'debug', short: 'd', help: 'print one line per FUSE request to stderr (implies --foreground)' },
   { name: 'ready-fd', value: true, meta: 'FD', help: '(internal) report readiness on this descriptor' },

@@ -286,7 +286,7 @@ describe('qcowfs mount: images read through a real mount', function () {
     expect(sha(img)).to.equal(before);
   });
 
-  it('--direct-io: reads and writes reach the image past the page cache (nothing of the raw file is cached); refused on libfuse', () => {
+  it('--direct-io: reads and writes reach the image past the page cache (nothing of the raw file is cached), shared mmap works; refused on libfuse', () => {
     const img = fixtures[2].make(sb); // zero and compressed clusters: every read path
     const want = fs.readFileSync(qemuConvertRaw(img, `${img}.want`));
     sb.mount('--direct-io', img, mnt);
@@ -306,6 +306,19 @@ describe('qcowfs mount: images read through a real mount', function () {
     }
     const cached = run('fincore', ['--bytes', '--noheadings', '--raw', '--output', 'RES', raw]).stdout.trim();
     expect(cached, 'bytes of the raw file in the page cache').to.equal('0');
+    // Shared mmap works too (FUSE_DIRECT_IO_ALLOW_MMAP), coherent with direct reads and writes both ways.
+    const mapped = run('python3', ['-c', [
+      'import mmap, os, sys',
+      'fd = os.open(sys.argv[1], os.O_RDWR)',
+      'm = mmap.mmap(fd, 65536, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=3 * 65536)',
+      'm[100:110] = b"mapped-io!"',
+      'm.flush()',
+      'seen = os.pread(fd, 10, 3 * 65536 + 100)',
+      'os.pwrite(fd, b"DIRECT", 3 * 65536 + 104)',
+      'print(seen.decode(), m[100:110].decode())',
+    ].join('\n'), raw]).stdout.trim();
+    expect(mapped).to.equal('mapped-io! mappDIRECT');
+    Buffer.from('mappDIRECT').copy(want, 3 * 65536 + 100);
     sb.unmount(mnt);
     expectCheckClean(img);
     expect(fs.readFileSync(qemuConvertRaw(img, `${img}.after`)).equals(want)).to.equal(true);

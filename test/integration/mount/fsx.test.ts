@@ -19,6 +19,8 @@ interface Config {
   name: string;
   seed: number;
   create(img: string, sb: Sandbox): void;
+  /** Extra `qcowfs mount` options for the run. */
+  mountArgs?: string[];
 }
 
 const configs: Config[] = [
@@ -34,6 +36,14 @@ const configs: Config[] = [
       qemuIo(base, [`write -P 0xa5 0 ${MAXSIZE}`]);
       qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', img, String(MAXSIZE));
     },
+  },
+  {
+    // Direct I/O: every read and write reaches the daemon at the caller's size, and mmap
+    // pages live beside it (FUSE_DIRECT_IO_ALLOW_MMAP).
+    name: 'mount --direct-io, 64K clusters',
+    seed: 5,
+    create: (img) => qemuImg('create', '-q', '-f', 'qcow2', img, '0'),
+    mountArgs: ['--direct-io'],
   },
 ];
 
@@ -65,7 +75,7 @@ describe('qcowfs mount: an fsx-style exerciser agrees with a plain file', functi
       const img = sb.path(`fsx-${cfg.seed}.qcow2`);
       cfg.create(img, sb);
       const mnt = sb.mkdir(`mnt-${cfg.seed}`);
-      sb.mount(img, mnt);
+      sb.mount(...(cfg.mountArgs ?? []), img, mnt);
       const model = sb.path(`fsx-${cfg.seed}.model`);
       const mounted = fsx(path.join(mnt, `fsx-${cfg.seed}.raw`), cfg.seed, ['--dump', model]);
       expect(mounted.ok, `the run on the mount: ${mounted.out}`).to.equal(true);

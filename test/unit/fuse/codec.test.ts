@@ -5,7 +5,7 @@
 import { expect } from 'chai';
 import {
   FATTR_ATIME_NOW, FATTR_CTIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE,
-  FUSE_ASYNC_READ, FUSE_BATCH_FORGET, FUSE_FALLOCATE, FUSE_FORGET, FUSE_GETATTR, FUSE_GETATTR_FH, FUSE_GETXATTR,
+  FUSE_ASYNC_READ, FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_BATCH_FORGET, FUSE_FALLOCATE, FUSE_FORGET, FUSE_GETATTR, FUSE_GETATTR_FH, FUSE_GETXATTR,
   FUSE_INIT, FUSE_INIT_EXT, FUSE_INTERRUPT, FUSE_LOOKUP, FUSE_LSEEK, FUSE_MAX_PAGES, FUSE_OPEN, FUSE_READ,
   FUSE_READDIR, FUSE_RELEASE, FUSE_SETATTR, FUSE_STATFS, FUSE_WRITE, fuseDirentSize, OPCODES, opcodeName,
 } from '../../../src/fuse/abi';
@@ -376,6 +376,20 @@ describe('fuse reply encoding', () => {
     expect(scratch.readUInt16LE(44)).to.equal(256);
     expect(scratch.subarray(46, 80).every((b) => b === 0)).to.equal(true);
     expect(encodeInit(scratch, 1, { ...r, minor: 22 })).to.equal(16 + 24);
+  });
+
+  it('init_out: flags2 at offset 32, after map_alignment', () => {
+    const r = {
+      major: 7, minor: 39, maxReadahead: 0, flags: FUSE_INIT_EXT, maxBackground: 1,
+      congestionThreshold: 1, maxWrite: 4096, timeGran: 1, maxPages: 1, flags2: FUSE_DIRECT_IO_ALLOW_MMAP,
+    };
+    scratch.fill(0xff);
+    expect(encodeInit(scratch, 1, r)).to.equal(16 + 64);
+    expect(scratch.readUInt32LE(16 + 12)).to.equal(0x40000000);
+    expect(scratch.readUInt16LE(16 + 30)).to.equal(0); // map_alignment
+    // fuse.h: FUSE_DIRECT_IO_ALLOW_MMAP is 1ULL << 36, bit 4 of flags2.
+    expect(scratch.readUInt32LE(16 + 32)).to.equal(1 << 4);
+    expect(scratch.subarray(16 + 36, 80).every((b) => b === 0)).to.equal(true);
   });
 
   it('dirents: 8-byte aligned records, off = next index, zero padding', () => {
