@@ -39,17 +39,26 @@ describe('qcowfs mount: a loop-mounted ext4 on the raw view', function () {
   afterEach(() => sb.cleanup({ keepDir: true }));
   after(() => sb.cleanup());
 
-  it('mkfs, write, delete, fstrim, unmount in order: qemu-img check clean, files intact on a second mount, e2fsck clean', () => {
+  // The loop driver writes through the page cache of the raw file by default; with
+  // `losetup --direct-io=on` it sends O_DIRECT reads and writes, several in flight
+  // (FUSE's async direct I/O); with `mount --direct-io` the file itself is direct.
+  const variants = [
+    { name: '', mountArgs: [] as string[], loopArgs: [] as string[], dio: '0' },
+    { name: ' (losetup --direct-io=on)', mountArgs: [], loopArgs: ['--direct-io=on'], dio: '1' },
+    { name: ' (mount --direct-io)', mountArgs: ['--direct-io'], loopArgs: [], dio: '0' },
+  ];
+  for (const v of variants) it(`mkfs, write, delete, fstrim, unmount in order: qemu-img check clean, files intact on a second mount, e2fsck clean${v.name}`, () => {
     const img = sb.path('ext4.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '256M');
     const mnt = sb.mkdir('mnt');
     const fsDir = sb.mkdir('fs');
-    sb.mount(img, mnt);
+    sb.mount(...v.mountArgs, img, mnt);
     const raw = path.join(mnt, 'ext4.raw');
 
-    const loop = run('losetup', ['--find', '--show', raw]).stdout.trim();
+    const loop = run('losetup', [...v.loopArgs, '--find', '--show', raw]).stdout.trim();
     sb.trackLoop(loop);
     expect(loop).to.match(/^\/dev\/loop\d+$/);
+    expect(run('losetup', ['--list', '--noheadings', '--output', 'DIO', loop]).stdout.trim()).to.equal(v.dio);
     run('mkfs.ext4', ['-q', '-E', 'nodiscard', loop]);
     sb.track(fsDir);
     run('mount', [loop, fsDir]);
