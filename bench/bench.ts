@@ -145,7 +145,11 @@ function fio(file: string, opts: string[]): { iops: number; bw: number } {
   return { iops: job.read.iops + job.write.iops, bw: job.read.bw_bytes + job.write.bw_bytes };
 }
 
-interface Row { name: string; unit: string; qcowfs: number; qemu: number; raw?: number; higherIsBetter: boolean }
+interface Row {
+  name: string; unit: string; qcowfs: number; qemu: number; raw?: number; higherIsBetter: boolean;
+  /** Every run's figure, in run order: the spread behind each median. */
+  runs: Record<string, number[]>;
+}
 
 /** Stop early, with one line, when a tool the benchmark runs is missing. */
 function preflight(): void {
@@ -205,7 +209,7 @@ function main(): void {
         }
         if (withRaw) res.raw.push(run(serveRaw(raw), 'raw'));
       }
-      const row: Row = { name, unit, qcowfs: median(res.qcowfs), qemu: median(res.qemu), higherIsBetter, ...(withRaw ? { raw: median(res.raw) } : {}) };
+      const row: Row = { name, unit, qcowfs: median(res.qcowfs), qemu: median(res.qemu), higherIsBetter, ...(withRaw ? { raw: median(res.raw) } : {}), runs: res };
       rows.push(row);
       log(`${name}: qcowfs ${row.qcowfs.toFixed(1)} ${unit}, qemu ${row.qemu.toFixed(1)} ${unit}${withRaw ? `, raw ${row.raw!.toFixed(1)} ${unit}` : ''}`);
     };
@@ -260,8 +264,8 @@ function main(): void {
         });
       }
     }
-    if (want('seqwrite')) rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true });
-    if (want('randwrite')) rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true });
+    if (want('seqwrite')) rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true, runs: res3 });
+    if (want('randwrite')) rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true, runs: res4 });
     log(`writes: ${JSON.stringify({ res3, res4 })}`);
     // 5. cp --sparse=always of a 64 GiB image holding 256 MiB of data.
     if (want('sparse')) {
@@ -360,6 +364,11 @@ function report(a: Args, rows: Row[], peak: Record<string, number>): string {
     lines.push(`| ${r.name} | ${r.unit} | ${fmt(r.qcowfs)} | ${fmt(r.qemu)} | ${r.raw === undefined ? '' : fmt(r.raw)} | ${ratio.toFixed(2)} | ${rawRatio} |`);
   }
   lines.push('', 'Ratios are "how many times better qcowfs is" (for times: QEMU time / qcowfs time).', '');
+  lines.push('Every run, in run order (the spread behind each median; the two servers alternate who goes first):', '');
+  lines.push('| workload | qcowfs | QEMU FUSE | raw |', '|---|---|---|---|');
+  const list = (xs: number[] | undefined) => (xs ?? []).map(fmt).join(' / ');
+  for (const r of rows) lines.push(`| ${r.name} | ${list(r.runs.qcowfs)} | ${list(r.runs.qemu)} | ${list(r.runs.raw)} |`);
+  lines.push('');
   lines.push('| daemon peak RSS (VmHWM) | qcowfs MiB | QEMU MiB |', '|---|---:|---:|');
   for (const [label, key] of [['sequential read', 'seqread'], ['sequential write', 'seqwrite'], ['1 TiB sparse image, mount + 64 MiB read', 'tib']]) {
     if (peak[`${key}-qcowfs`] === undefined) continue; // not run (--only)
