@@ -29,7 +29,7 @@ type Workload = (typeof WORKLOADS)[number];
 interface Args { quick: boolean; runs: number; sizeGiB: number; out: string; seconds: number; only: Set<Workload> | null }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, runs: 3, sizeGiB: 4, out: path.join(ROOT, 'bench/RESULTS.md'), seconds: 8, only: null };
+  const a: Args = { quick: false, runs: 5, sizeGiB: 4, out: path.join(ROOT, 'bench/RESULTS.md'), seconds: 8, only: null };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     if (k === '--quick') { a.quick = true; a.runs = 1; a.sizeGiB = 0.25; a.seconds = 2; }
