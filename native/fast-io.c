@@ -15,6 +15,11 @@
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
+ *   adviseRandom(fd)                         -> posix_fadvise(POSIX_FADV_RANDOM): 0 or an errno
+ *   cacheStat(fd, pos, len, out)             -> 0 or -errno; out[0] = bytes of the range in the page
+ *                                               cache, out[1] = bytes dirty or under writeback (cachestat)
+ *   alignedBuffer(size)                      -> a Buffer whose memory starts on a page boundary
+ *   addressMod(buf, align)                   -> the buffer's address modulo align
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
  *   pollStart(h) / pollStop(h) / pollClose(h)
  *
@@ -26,6 +31,8 @@
 #include <fcntl.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <stdint.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <uv.h>
@@ -235,11 +242,105 @@ static napi_value PollClose(napi_env env, napi_callback_info info) {
   return native_number(env, 0);
 }
 
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+
+/* cachestat(2), Linux 6.5: what of a file range the page cache holds, without reading it. */
+struct qcowfs_cachestat_range {
+  uint64_t off;
+  uint64_t len;
+};
+struct qcowfs_cachestat {
+  uint64_t nr_cache;
+  uint64_t nr_dirty;
+  uint64_t nr_writeback;
+  uint64_t nr_evicted;
+  uint64_t nr_recently_evicted;
+};
+
+static napi_value CacheStat(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd, pos, len;
+  napi_typedarray_type type;
+  size_t count;
+  void *values;
+  if (get_args(env, info, &a, 4) || get_int(env, a.argv[0], &fd) || get_int(env, a.argv[1], &pos) ||
+      get_int(env, a.argv[2], &len) || pos < 0 || len <= 0 ||
+      napi_get_typedarray_info(env, a.argv[3], &type, &count, &values, NULL, NULL) != napi_ok ||
+      type != napi_float64_array || count < 2) {
+    napi_throw_type_error(env, NULL, "cacheStat(fd, position, length, out: Float64Array(2))");
+    return NULL;
+  }
+  struct qcowfs_cachestat_range range = {(uint64_t)pos, (uint64_t)len};
+  struct qcowfs_cachestat cs = {0};
+  if (syscall(__NR_cachestat, (int)fd, &range, &cs, 0) < 0) return native_number(env, -errno);
+  double page = (double)sysconf(_SC_PAGESIZE);
+  ((double *)values)[0] = (double)cs.nr_cache * page;
+  ((double *)values)[1] = (double)(cs.nr_dirty + cs.nr_writeback) * page;
+  return native_number(env, 0);
+}
+
+static napi_value AdviseRandom(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd;
+  if (get_args(env, info, &a, 1) || get_int(env, a.argv[0], &fd)) {
+    napi_throw_type_error(env, NULL, "adviseRandom(fd)");
+    return NULL;
+  }
+  return native_number(env, posix_fadvise((int)fd, 0, 0, POSIX_FADV_RANDOM));
+}
+
+static void free_aligned(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  free(data);
+}
+
+static napi_value AlignedBuffer(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t size;
+  void *p;
+  napi_value out;
+  if (get_args(env, info, &a, 1) || get_int(env, a.argv[0], &size) || size <= 0) {
+    napi_throw_type_error(env, NULL, "alignedBuffer(size)");
+    return NULL;
+  }
+  if (posix_memalign(&p, (size_t)sysconf(_SC_PAGESIZE), (size_t)size) != 0) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  if (napi_create_external_buffer(env, (size_t)size, p, free_aligned, NULL, &out) != napi_ok) {
+    free(p);
+    napi_throw_error(env, NULL, "alignedBuffer: no external buffers here");
+    return NULL;
+  }
+  return out;
+}
+
+static napi_value AddressMod(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t align;
+  char *data;
+  size_t len;
+  if (get_args(env, info, &a, 2) || get_buffer(env, a.argv[0], &data, &len) || get_int(env, a.argv[1], &align) ||
+      align <= 0) {
+    napi_throw_type_error(env, NULL, "addressMod(buffer, align)");
+    return NULL;
+  }
+  return native_number(env, (int64_t)((uintptr_t)data % (uintptr_t)align));
+}
+
 void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "setNonblock", SetNonblock);
   native_export(env, exports, "readInto", ReadInto);
   native_export(env, exports, "preadNowait", PreadNowait);
   native_export(env, exports, "seekData", SeekData);
+  native_export(env, exports, "cacheStat", CacheStat);
+  native_export(env, exports, "adviseRandom", AdviseRandom);
+  native_export(env, exports, "alignedBuffer", AlignedBuffer);
+  native_export(env, exports, "addressMod", AddressMod);
   native_export(env, exports, "pollCreate", PollCreate);
   native_export(env, exports, "pollStart", PollStart);
   native_export(env, exports, "pollStop", PollStop);

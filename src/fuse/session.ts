@@ -566,7 +566,7 @@ export class FuseSession {
         }
         let into: Buffer | undefined;
         if (req.size > 0 && req.size <= this.maxWrite) {
-          into = this.freeReplyBuffers.pop() ?? Buffer.allocUnsafe(this.maxWrite);
+          into = this.freeReplyBuffers.pop() ?? this.newReplyBuffer();
           p.replyBuffer = into;
         }
         let data = await f.read(p, nodeid, req.fh, req.offset, req.size, into);
@@ -728,6 +728,16 @@ export class FuseSession {
       this.writeFailed(p, e);
     }
     if (this.debug) this.debugPending(p, result);
+  }
+
+  /**
+   * A READ reply buffer of max_write bytes, page-aligned where the native
+   * module can allocate it so: a filesystem may then read into it with
+   * O_DIRECT (the kernel's DMA straight into the reply).
+   */
+  private newReplyBuffer(): Buffer {
+    const native = loadNative();
+    return native !== null ? native.alignedBuffer(this.maxWrite) : Buffer.allocUnsafe(this.maxWrite);
   }
 
   private sendRead(p: Pending, data: Buffer): void {

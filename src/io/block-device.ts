@@ -62,6 +62,12 @@ export function hasHoleMap(dev: BlockDevice): dev is BlockDevice & HoleMap {
 export interface FileBacked {
   /** The descriptor; it stays open until close(). */
   readonly fd: number;
+  /**
+   * True when the device reads this range past the host page cache (it is
+   * cold and large): a transport should then ask for a read rather than
+   * splice the range, which would fill the cache for nothing.
+   */
+  readsPastCache?(position: number, length: number): boolean;
 }
 
 export function hasFileDescriptor(dev: BlockDevice): dev is BlockDevice & FileBacked {

@@ -15,6 +15,24 @@ const NOWAIT_PROBE_EVERY = 16;
 /** Writes up to this size are issued synchronously (they land in the page cache). */
 const SYNC_WRITE_MAX = 64 * 1024;
 
+/**
+ * Reads at least this large of a range the page cache does not hold whole
+ * go past the cache (O_DIRECT), in pieces of DIRECT_READ_PIECE read at once.
+ * The data lands in the caller's buffer without filling fresh page-cache
+ * pages that nothing would read again: the transport above keeps its own
+ * cache of what it serves. Ranges held whole, and ranges with writes not
+ * yet on disk, are read through the cache. Small reads always are, with the
+ * kernel's readahead; large ones going direct also keep that readahead from
+ * running ahead of them and filling the cache after all.
+ */
+export const DIRECT_READ_MIN = 128 * 1024;
+const DIRECT_READ_PIECE = 128 * 1024;
+/** O_DIRECT wants position, length and memory aligned to the device's block; a page covers every block size. */
+const DIRECT_ALIGN = 4096;
+/** The aligned buffer a direct read into an unaligned one goes through, in turns of this size. */
+const BOUNCE_BYTES = 1024 * 1024;
+const MAX_BOUNCES = 4;
+
 /** fs.read as a promise, without FileHandle's extra bookkeeping on the hot path. */
 function readAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -43,6 +61,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
    * one (src/io/uring.ts), else to the threadpool.
    */
   private nowait: NativeModule | null = loadNative();
+  /** The native module for everything else (cachestat, alignment), whatever became of `nowait`. */
+  private readonly native: NativeModule | null = loadNative();
   /** Consecutive page-cache misses (capped), and the counter that spaces out probes once they pile up. */
   private misses = 0;
   private probe = 0;
@@ -50,6 +70,17 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private ring: UringReader | null = uringReader();
   /** Written to (or resized) since the last completed fdatasync: flush() has something to do. */
   private unsynced = false;
+  /**
+   * A second descriptor of the same file opened with O_DIRECT, for cold
+   * large reads (see DIRECT_READ_MIN): undefined when not asked for (the
+   * file keeps its readahead), -1 where the file, the host or the kernel
+   * cannot (no io_uring, no cachestat, a file system without O_DIRECT).
+   * Closing it with reads in flight is safe: io_uring holds the file.
+   */
+  private directFd: number | undefined;
+  private readonly cacheStat = new Float64Array(2);
+  /** Aligned buffers for direct reads into unaligned ones, kept for reuse. */
+  private readonly bounces: Buffer[] = [];
 
   private constructor(
     readonly fd: number,
@@ -63,8 +94,10 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   /**
    * Open a file. With `lock`, take QEMU's image locks (read-only users
    * share, writers exclude everyone else) and fail with LockConflictError.
+   * With `readahead` false, the kernel reads nothing ahead in it and large
+   * reads of what it does not cache go past the cache (DIRECT_READ_MIN).
    */
-  static async open(path: string, opts: { readOnly?: boolean; lock?: boolean } = {}): Promise<FileDevice> {
+  static async open(path: string, opts: { readOnly?: boolean; lock?: boolean; readahead?: boolean } = {}): Promise<FileDevice> {
     const readOnly = opts.readOnly ?? false;
     const fd = await call<number>((cb) => fs.open(path, readOnly ? 'r' : 'r+', cb));
     try {
@@ -73,7 +106,9 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
         throw Object.assign(new Error(`${path}: not a regular file`), { code: 'EINVAL' });
       }
       if (opts.lock) lockImage(fd, path, readOnly ? READ_ONLY_LOCK : READ_WRITE_LOCK);
-      return new FileDevice(fd, path, readOnly, st.size);
+      const dev = new FileDevice(fd, path, readOnly, st.size);
+      if (opts.readahead === false && st.isFile()) dev.openDirect();
+      return dev;
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -85,6 +120,92 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   pread(buf: Buffer, offset: number): Promise<number> {
+    if (buf.length >= DIRECT_READ_MIN && this.readsPastCache(offset, buf.length)) {
+      if (this.native!.addressMod(buf, DIRECT_ALIGN) === 0) return this.preadDirect(buf, offset);
+      return this.preadBounced(buf, offset);
+    }
+    return this.preadCached(buf, offset);
+  }
+
+  /** A direct read for a buffer O_DIRECT cannot take (not page-aligned): into an aligned one, then copied. */
+  private async preadBounced(buf: Buffer, offset: number): Promise<number> {
+    const bounce = this.bounces.pop() ?? this.native!.alignedBuffer(BOUNCE_BYTES);
+    try {
+      let done = 0;
+      while (done < buf.length) {
+        const len = Math.min(BOUNCE_BYTES, buf.length - done);
+        const n = await this.pread(bounce.subarray(0, len), offset + done);
+        bounce.copy(buf, done, 0, n);
+        done += n;
+        if (n < len) break;
+      }
+      return done;
+    } finally {
+      if (this.bounces.length < MAX_BOUNCES) this.bounces.push(bounce);
+    }
+  }
+
+  /**
+   * Whether a read of this range goes past the page cache: it is large and
+   * aligned, the cache does not hold all of it, nothing in it waits to be
+   * written, and this file can be read so.
+   * (Transports ask before splicing a range: splicing would fill the cache.)
+   */
+  readsPastCache(position: number, length: number): boolean {
+    if (length < DIRECT_READ_MIN || position % DIRECT_ALIGN !== 0 || length % DIRECT_ALIGN !== 0) return false;
+    if (this.directFd === undefined || this.directFd === -1) return false;
+    const st = this.cacheStat;
+    if (this.native!.cacheStat(this.fd, position, length, st) < 0) {
+      this.dropDirect(); // ENOSYS: a kernel before 6.5 cannot tell without reading
+      return false;
+    }
+    // Whole in the cache: read it from there. Anything written and not yet on disk: read
+    // through the cache too (a direct read would first have to wait for it to be written).
+    return st[0] < length && st[1] === 0;
+  }
+
+  /** No readahead on the file, and a second descriptor for direct reads where the host allows one. */
+  private openDirect(): void {
+    this.directFd = -1;
+    if (this.native === null || this.ring === null || process.env.QCOWFS_NO_DIRECT_READ === '1') return;
+    try {
+      // The same file, even if its path was renamed or replaced since.
+      this.directFd = fs.openSync(`/proc/self/fd/${this.fd}`, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+      this.native.adviseRandom(this.fd);
+    } catch {
+      // EINVAL: a file system without O_DIRECT (tmpfs); no /proc.
+    }
+  }
+
+  private dropDirect(): void {
+    if (this.directFd !== undefined && this.directFd >= 0) fs.closeSync(this.directFd);
+    this.directFd = -1;
+  }
+
+  /** Read past the page cache, in pieces at once; any trouble (a short read at the end, a refusal) reads again through the cache. */
+  private async preadDirect(buf: Buffer, offset: number): Promise<number> {
+    const fd = this.directFd!;
+    const pieces: Promise<number>[] = [];
+    let full = true;
+    for (let at = 0; at < buf.length; at += DIRECT_READ_PIECE) {
+      const len = Math.min(DIRECT_READ_PIECE, buf.length - at);
+      const p = this.ring?.read(fd, buf, at, len, offset + at);
+      if (!p) {
+        full = false; // the ring is full (or gone)
+        break;
+      }
+      pieces.push(p.then((n) => {
+        if (n === -E.EINVAL || n === -E.EOPNOTSUPP) this.dropDirect();
+        return n === len ? n : -1;
+      }));
+    }
+    // Every piece in flight writes into buf: all must be done before it is read again another way.
+    const results = await Promise.all(pieces);
+    if (full && results.every((n) => n >= 0)) return buf.length;
+    return this.preadCached(buf, offset);
+  }
+
+  private preadCached(buf: Buffer, offset: number): Promise<number> {
     let done = 0;
     if (this.nowait !== null && buf.length > 0 && this.tryNowait()) {
       const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
@@ -166,6 +287,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.dropDirect();
     await call<void>((cb) => fs.close(this.fd, cb));
   }
 

@@ -20,6 +20,17 @@ export interface NativeModule {
   inflateCluster(src: Buffer, dst: Buffer, callback: (ok: boolean, message: string) => void): void;
   /** lseek(SEEK_DATA), or SEEK_HOLE when `hole`: the offset, or -errno (-ENXIO: no data at or after). */
   seekData(fd: number, position: number, hole: boolean): number;
+  /**
+   * cachestat (Linux 6.5) of a range: 0, or -errno (-ENOSYS before 6.5).
+   * out[0] = bytes of it in the page cache, out[1] = bytes dirty or under writeback.
+   */
+  cacheStat(fd: number, position: number, length: number, out: Float64Array): number;
+  /** posix_fadvise(POSIX_FADV_RANDOM) on the whole file: nothing read ahead through this descriptor. 0 or an errno. */
+  adviseRandom(fd: number): number;
+  /** A buffer whose memory starts on a page boundary (for O_DIRECT). */
+  alignedBuffer(size: number): Buffer;
+  /** The buffer's memory address modulo `align`. */
+  addressMod(buf: Buffer, align: number): number;
   /** An io_uring whose completions call `callback(id, bytes or -errno)` on the event loop; -errno if none. */
   uringCreate(entries: number, callback: (id: number, result: number) => void): UringHandle | number;
   /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */

@@ -65,6 +65,14 @@ export interface OpenOptions {
   allowCorrupt?: boolean;
   /** Take QEMU's image locks on the files opened (default true). */
   lock?: boolean;
+  /**
+   * Let the host kernel read ahead in the files opened (default true). A
+   * caller whose large reads come in large requests anyway (a FUSE mount
+   * through the kernel's page cache, which reads ahead itself) turns it
+   * off: large reads of data the host does not cache then go past the host
+   * cache, and readahead would only fill it ahead of them.
+   */
+  hostReadahead?: boolean;
 }
 
 /** One run of guest space with one mapping in this layer. */
@@ -84,9 +92,9 @@ const MAX_PENDING_FREES = 4096;
 const COMPRESSED_CACHE_CLUSTERS = 8;
 
 /** Open an image file with QEMU's locks (unless `lock` is false). */
-async function openFileDevice(file: string, readOnly: boolean, lock: boolean): Promise<BlockDevice> {
+async function openFileDevice(file: string, readOnly: boolean, opts: OpenOptions): Promise<BlockDevice> {
   try {
-    return await FileDevice.open(file, { readOnly, lock });
+    return await FileDevice.open(file, { readOnly, lock: opts.lock !== false, readahead: opts.hostReadahead !== false });
   } catch (err) {
     if (err instanceof LockConflictError) throw new ImageLockedError(err.file, err.reason);
     throw err;
@@ -151,7 +159,7 @@ export class Qcow2Image implements Layer {
 
   /** Open the image at `file` (its backing chain and data file resolve against its directory). */
   static async openFile(file: string, opts: OpenOptions = {}): Promise<Qcow2Image> {
-    const openDevice = opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, opts.lock !== false));
+    const openDevice = opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, opts));
     const readOnly = !!opts.readOnly || opts.snapshot !== undefined;
     const dev = await openDevice(file, readOnly);
     try {
@@ -229,7 +237,7 @@ export class Qcow2Image implements Layer {
     // External data file.
     if (h.incompatibleFeatures & QCOW2_INCOMPAT_DATA_FILE) {
       if (!h.dataFile) throw new UnsupportedImageError('external data file', 'the image names no data file');
-      const openDevice = this.opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, this.opts.lock !== false));
+      const openDevice = this.opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, this.opts));
       const p = this.resolvePath(h.dataFile);
       try {
         this.dataDev = await openDevice(p, this.readOnlyReason !== null);
@@ -321,7 +329,7 @@ export class Qcow2Image implements Layer {
     const chain = this.opts.chain ?? [path.resolve(this.filename)];
     if (chain.includes(p)) throw new BackingChainError(p, `backing chain loops (${[...chain, p].join(' -> ')})`);
     if (chain.length > 256) throw new BackingChainError(p, 'backing chain deeper than 256 images');
-    const openDevice = this.opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, this.opts.lock !== false));
+    const openDevice = this.opts.openDevice ?? ((f: string, ro: boolean) => openFileDevice(f, ro, this.opts));
     let dev: BlockDevice;
     try {
       dev = await openDevice(p, true);
@@ -597,6 +605,8 @@ export class Qcow2Image implements Layer {
         }
         done += run.length;
       }
+      // Cold data is read past the host cache (FileDevice); splicing it would fill that cache.
+      if (data.readsPastCache && slices.some((s) => s.fd === data.fd && data.readsPastCache!(s.position, s.length))) return null;
       lent = true;
       return { slices, release };
     } catch (err) {

@@ -145,7 +145,10 @@ async function openImages(pl: MountPlan): Promise<Qcow2Image[]> {
   const out: Qcow2Image[] = [];
   try {
     for (const file of pl.images) {
-      const opts = { readOnly: pl.readOnly, snapshot: pl.snapshot, l2CacheBytes: pl.l2CacheBytes, refcountCacheBytes: pl.refcountCacheBytes };
+      // Through the kernel's page cache, reads arrive large (FUSE reads ahead itself): no readahead
+      // on the image, and large reads of data the host does not cache go past its cache. With
+      // --direct-io, reads come at the program's size, and the image's readahead serves the small ones.
+      const opts = { readOnly: pl.readOnly, snapshot: pl.snapshot, l2CacheBytes: pl.l2CacheBytes, refcountCacheBytes: pl.refcountCacheBytes, hostReadahead: pl.directIo };
       let img: Qcow2Image;
       try {
         img = await Qcow2Image.openFile(file, opts);

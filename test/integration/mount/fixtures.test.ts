@@ -286,6 +286,35 @@ describe('qcowfs mount: images read through a real mount', function () {
     expect(sha(img)).to.equal(before);
   });
 
+  it('a cold sequential read reaches the image past its page cache (O_DIRECT), a warm one through it; both read what QEMU reads', () => {
+    // On a disk file system: O_DIRECT needs one (the sandbox may be on tmpfs).
+    const dir = fs.mkdtempSync('/var/tmp/qcowfs-cold-');
+    try {
+      const img = path.join(dir, 'cold.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', img, '32M');
+      qemuIo(img, Array.from({ length: 32 }, (_, i) => `write -P ${i + 1} ${i}M 1M`));
+      const want = qemuConvertRaw(img, path.join(dir, 'want.raw'));
+      const raw = path.join(mnt, 'cold.raw');
+      const imageCached = () => Number(run('fincore', ['--bytes', '--noheadings', '--raw', '--output', 'RES', img]).stdout.trim());
+      run('sync', []);
+      run('dd', [`if=${img}`, 'iflag=nocache', 'count=0']); // drop the image from the page cache
+      expect(imageCached()).to.equal(0);
+      sb.mount('--read-only', img, mnt);
+      expectSameBytes(raw, want);
+      // Only metadata came into the cache (header, tables), not the 32 MiB of data.
+      expect(imageCached()).to.be.lessThan(4 << 20);
+      sb.unmount(mnt);
+      // Warm: the image is in the page cache, and reads are served from it.
+      run('dd', [`if=${img}`, 'of=/dev/null', 'bs=1M']);
+      expect(imageCached()).to.be.greaterThan(32 << 20);
+      sb.mount('--read-only', img, mnt);
+      expectSameBytes(raw, want);
+      sb.unmount(mnt);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('--direct-io: reads and writes reach the image past the page cache (nothing of the raw file is cached), shared mmap works; refused on libfuse', () => {
     const img = fixtures[2].make(sb); // zero and compressed clusters: every read path
     const want = fs.readFileSync(qemuConvertRaw(img, `${img}.want`));

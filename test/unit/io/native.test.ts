@@ -275,3 +275,122 @@ describe('FileDevice', () => {
     }
   });
 });
+
+describe('FileDevice: cold large reads past the page cache', () => {
+  let dir: string;
+  let native: NativeModule;
+  before(function () {
+    native = loadNative()!;
+    expect(native, 'the native module').to.not.equal(null);
+    expect(uringReader(), 'io_uring').to.not.equal(null);
+  });
+  beforeEach(() => {
+    // /var/tmp: a disk file system (O_DIRECT), where /tmp may be tmpfs.
+    dir = fs.mkdtempSync(path.join('/var/tmp', 'qcowfs-direct-'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  function cached(fd: number, position: number, length: number): number {
+    const st = new Float64Array(2);
+    expect(native.cacheStat(fd, position, length, st)).to.equal(0);
+    return st[0];
+  }
+
+  /** A file of `size` random bytes that the page cache holds none of. */
+  function coldFile(size: number): { file: string; data: Buffer } {
+    const file = path.join(dir, 'img');
+    const data = randomBytes(size);
+    fs.writeFileSync(file, data);
+    const fd = fs.openSync(file, 'r');
+    try {
+      fs.fsyncSync(fd);
+      // GNU dd: iflag=nocache with count=0 drops the whole file from the cache.
+      execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0'], { stdio: 'ignore' });
+      expect(cached(fd, 0, size), 'cached bytes after dropping the file').to.equal(0);
+    } finally {
+      fs.closeSync(fd);
+    }
+    return { file, data };
+  }
+
+  it('reads a cold range with O_DIRECT into an aligned buffer, leaving the cache empty; other reads use the cache', async () => {
+    const { file, data } = coldFile(4 << 20);
+    const usual = await FileDevice.open(file, { readOnly: true });
+    try {
+      expect(usual.readsPastCache(1 << 20, 1 << 20), 'with readahead (the default), every read goes through the cache').to.equal(false);
+    } finally {
+      await usual.close();
+    }
+    const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
+    try {
+      expect(dev.readsPastCache(1 << 20, 1 << 20)).to.equal(true);
+      expect(dev.readsPastCache(1 << 20, 64 << 10), 'too small').to.equal(false);
+      expect(dev.readsPastCache((1 << 20) + 512, 1 << 20), 'unaligned').to.equal(false);
+      const aligned = native.alignedBuffer(1 << 20);
+      expect(await dev.pread(aligned, 1 << 20)).to.equal(1 << 20);
+      expect(aligned.equals(data.subarray(1 << 20, 2 << 20))).to.equal(true);
+      expect(cached(dev.fd, 0, 4 << 20), 'nothing came into the cache').to.equal(0);
+      // An ordinary (unaligned) buffer: read direct through an aligned one.
+      const plain = Buffer.alloc(1 << 20);
+      expect(native.addressMod(plain, 4096)).to.not.equal(0);
+      expect(await dev.pread(plain, 3 << 20)).to.equal(1 << 20);
+      expect(plain.equals(data.subarray(3 << 20, 4 << 20))).to.equal(true);
+      expect(cached(dev.fd, 0, 4 << 20), 'still nothing in the cache').to.equal(0);
+      // Small reads go through the cache.
+      const small = Buffer.alloc(64 << 10);
+      for (let at = 2 << 20; at < 3 << 20; at += small.length) {
+        expect(await dev.pread(small, at)).to.equal(small.length);
+        expect(small.equals(data.subarray(at, at + small.length))).to.equal(true);
+      }
+      expect(cached(dev.fd, 2 << 20, 1 << 20)).to.equal(1 << 20);
+      // Once all of it is cached, a range is read through the cache; half of it is not enough.
+      expect(dev.readsPastCache(2 << 20, 1 << 20)).to.equal(false);
+      expect(dev.readsPastCache((1 << 20) + (512 << 10), 1 << 20)).to.equal(true);
+      // A direct read that runs past the end reads again through the cache, short.
+      const tail = native.alignedBuffer(1 << 20);
+      expect(await dev.pread(tail, (4 << 20) - (256 << 10))).to.equal(256 << 10);
+      expect(tail.subarray(0, 256 << 10).equals(data.subarray((4 << 20) - (256 << 10)))).to.equal(true);
+      const tail2 = Buffer.alloc(1 << 20);
+      expect(await dev.pread(tail2, (4 << 20) - (512 << 10))).to.equal(512 << 10);
+      expect(tail2.subarray(0, 512 << 10).equals(data.subarray((4 << 20) - (512 << 10)))).to.equal(true);
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it('a range with a write not yet on disk is read through the cache, and shows the write', async () => {
+    const { file, data } = coldFile(2 << 20);
+    const dev = await FileDevice.open(file, { readahead: false });
+    try {
+      const patch = randomBytes(4096);
+      await dev.pwrite(patch, (1 << 20) + 8192);
+      patch.copy(data, (1 << 20) + 8192);
+      expect(dev.readsPastCache(1 << 20, 1 << 20)).to.equal(false);
+      const buf = native.alignedBuffer(1 << 20);
+      expect(await dev.pread(buf, 1 << 20)).to.equal(1 << 20);
+      expect(buf.equals(data.subarray(1 << 20))).to.equal(true);
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it('where the file system has no O_DIRECT (tmpfs), reads go through the cache', async () => {
+    const shm = fs.mkdtempSync('/dev/shm/qcowfs-direct-');
+    try {
+      const file = path.join(shm, 'img');
+      const data = randomBytes(1 << 20);
+      fs.writeFileSync(file, data);
+      const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
+      try {
+        expect(dev.readsPastCache(0, 1 << 20)).to.equal(false);
+        const buf = native.alignedBuffer(1 << 20);
+        expect(await dev.pread(buf, 0)).to.equal(1 << 20);
+        expect(buf.equals(data)).to.equal(true);
+      } finally {
+        await dev.close();
+      }
+    } finally {
+      fs.rmSync(shm, { recursive: true, force: true });
+    }
+  });
+});
