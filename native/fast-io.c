@@ -15,7 +15,7 @@
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
- *   adviseRandom(fd)                         -> posix_fadvise(POSIX_FADV_RANDOM): 0 or an errno
+ *   adviseRandom(fd, random)                 -> posix_fadvise(POSIX_FADV_RANDOM, or _NORMAL): 0 or an errno
  *   cacheStat(fd, pos, len, out)             -> 0 or -errno; out[0] = bytes of the range in the page
  *                                               cache, out[1] = bytes dirty or under writeback (cachestat)
  *   alignedBuffer(size)                      -> a Buffer whose memory starts on a page boundary
@@ -285,11 +285,12 @@ static napi_value CacheStat(napi_env env, napi_callback_info info) {
 static napi_value AdviseRandom(napi_env env, napi_callback_info info) {
   args_t a;
   int64_t fd;
-  if (get_args(env, info, &a, 1) || get_int(env, a.argv[0], &fd)) {
-    napi_throw_type_error(env, NULL, "adviseRandom(fd)");
+  bool random;
+  if (get_args(env, info, &a, 2) || get_int(env, a.argv[0], &fd) || napi_get_value_bool(env, a.argv[1], &random) != napi_ok) {
+    napi_throw_type_error(env, NULL, "adviseRandom(fd, random)");
     return NULL;
   }
-  return native_number(env, posix_fadvise((int)fd, 0, 0, POSIX_FADV_RANDOM));
+  return native_number(env, posix_fadvise((int)fd, 0, 0, random ? POSIX_FADV_RANDOM : POSIX_FADV_NORMAL));
 }
 
 static void free_aligned(napi_env env, void *data, void *hint) {

@@ -68,6 +68,8 @@ export interface FileBacked {
    * splice the range, which would fill the cache for nothing.
    */
   readsPastCache?(position: number, length: number): boolean;
+  /** Turn the kernel's readahead back on where it was off (small sequential reads ahead). */
+  readAhead?(): void;
 }
 
 export function hasFileDescriptor(dev: BlockDevice): dev is BlockDevice & FileBacked {

@@ -171,10 +171,19 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     try {
       // The same file, even if its path was renamed or replaced since.
       this.directFd = fs.openSync(`/proc/self/fd/${this.fd}`, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-      this.native.adviseRandom(this.fd);
+      this.native.adviseRandom(this.fd, true);
     } catch {
       // EINVAL: a file system without O_DIRECT (tmpfs); no /proc.
     }
+  }
+
+  /**
+   * Let the kernel read ahead again: for a user whose reads turn out small
+   * and sequential (compressed clusters, packed one after the other). Large
+   * cold reads still go past the cache.
+   */
+  readAhead(): void {
+    if (this.directFd !== undefined && this.directFd >= 0) this.native!.adviseRandom(this.fd, false);
   }
 
   private dropDirect(): void {

@@ -25,8 +25,8 @@ export interface NativeModule {
    * out[0] = bytes of it in the page cache, out[1] = bytes dirty or under writeback.
    */
   cacheStat(fd: number, position: number, length: number, out: Float64Array): number;
-  /** posix_fadvise(POSIX_FADV_RANDOM) on the whole file: nothing read ahead through this descriptor. 0 or an errno. */
-  adviseRandom(fd: number): number;
+  /** posix_fadvise on the whole file: RANDOM (nothing read ahead through this descriptor) or back to NORMAL. 0 or an errno. */
+  adviseRandom(fd: number, random: boolean): number;
   /** A buffer whose memory starts on a page boundary (for O_DIRECT). */
   alignedBuffer(size: number): Buffer;
   /** The buffer's memory address modulo `align`. */

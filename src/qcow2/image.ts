@@ -124,6 +124,8 @@ export class Qcow2Image implements Layer {
   private readonly lock = new RwLock();
   private pendingFrees: number[] = [];
   private readonly compressedCache = new Map<number, Promise<Buffer>>();
+  /** A compressed cluster was read: the image file reads ahead again (decompress). */
+  private readAheadOn = false;
   private readOnlyReason: string | null;
   private closed = false;
   private dirtyBitSet = false;
@@ -710,6 +712,12 @@ export class Qcow2Image implements Layer {
   }
 
   private async decompress(d: { hostOffset: number; compressedSize: number }, into?: Buffer): Promise<Buffer> {
+    // Compressed clusters lie packed one after another and are read in small pieces:
+    // the host's readahead (off where large reads go past its cache) serves them.
+    if (!this.readAheadOn) {
+      this.readAheadOn = true;
+      if (hasFileDescriptor(this.dev)) this.dev.readAhead?.();
+    }
     // Compressed clusters always live in the image file, never in an external data file.
     const raw = Buffer.allocUnsafe(d.compressedSize);
     await readFull(this.dev, raw, d.hostOffset);
