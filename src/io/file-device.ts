@@ -25,7 +25,7 @@ const SYNC_WRITE_MAX = 64 * 1024;
  * kernel's readahead; large ones going direct also keep that readahead from
  * running ahead of them and filling the cache after all.
  */
-export const DIRECT_READ_MIN = 128 * 1024;
+const DIRECT_READ_MIN = 128 * 1024;
 const DIRECT_READ_PIECE = 128 * 1024;
 /** O_DIRECT wants position, length and memory aligned to the device's block; a page covers every block size. */
 const DIRECT_ALIGN = 4096;
@@ -72,12 +72,12 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private unsynced = false;
   /**
    * A second descriptor of the same file opened with O_DIRECT, for cold
-   * large reads (see DIRECT_READ_MIN): undefined when not asked for (the
-   * file keeps its readahead), -1 where the file, the host or the kernel
-   * cannot (no io_uring, no cachestat, a file system without O_DIRECT).
+   * large reads (see DIRECT_READ_MIN); -1 when not asked for (the file keeps
+   * its readahead) or where the file, the host or the kernel cannot (no
+   * io_uring, no cachestat, a file system without O_DIRECT).
    * Closing it with reads in flight is safe: io_uring holds the file.
    */
-  private directFd: number | undefined;
+  private directFd = -1;
   private readonly cacheStat = new Float64Array(2);
   /** Aligned buffers for direct reads into unaligned ones, kept for reuse. */
   private readonly bounces: Buffer[] = [];
@@ -120,7 +120,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   pread(buf: Buffer, offset: number): Promise<number> {
-    if (buf.length >= DIRECT_READ_MIN && this.readsPastCache(offset, buf.length)) {
+    if (this.readsPastCache(offset, buf.length)) {
       if (this.native!.addressMod(buf, DIRECT_ALIGN) === 0) return this.preadDirect(buf, offset);
       return this.preadBounced(buf, offset);
     }
@@ -134,7 +134,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       let done = 0;
       while (done < buf.length) {
         const len = Math.min(BOUNCE_BYTES, buf.length - done);
-        const n = await this.pread(bounce.subarray(0, len), offset + done);
+        // The whole range was checked above: every piece of it goes direct.
+        const n = await this.preadDirect(bounce.subarray(0, len), offset + done);
         bounce.copy(buf, done, 0, n);
         done += n;
         if (n < len) break;
@@ -152,8 +153,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
    * (Transports ask before splicing a range: splicing would fill the cache.)
    */
   readsPastCache(position: number, length: number): boolean {
-    if (length < DIRECT_READ_MIN || position % DIRECT_ALIGN !== 0 || length % DIRECT_ALIGN !== 0) return false;
-    if (this.directFd === undefined || this.directFd === -1) return false;
+    if (this.directFd < 0 || length < DIRECT_READ_MIN || position % DIRECT_ALIGN !== 0 || length % DIRECT_ALIGN !== 0) return false;
     const st = this.cacheStat;
     if (this.native!.cacheStat(this.fd, position, length, st) < 0) {
       this.dropDirect(); // ENOSYS: a kernel before 6.5 cannot tell without reading
@@ -166,7 +166,6 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
 
   /** No readahead on the file, and a second descriptor for direct reads where the host allows one. */
   private openDirect(): void {
-    this.directFd = -1;
     if (this.native === null || this.ring === null || process.env.QCOWFS_NO_DIRECT_READ === '1') return;
     try {
       // The same file, even if its path was renamed or replaced since.
@@ -183,17 +182,17 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
    * cold reads still go past the cache.
    */
   readAhead(): void {
-    if (this.directFd !== undefined && this.directFd >= 0) this.native!.adviseRandom(this.fd, false);
+    if (this.directFd >= 0) this.native!.adviseRandom(this.fd, false);
   }
 
   private dropDirect(): void {
-    if (this.directFd !== undefined && this.directFd >= 0) fs.closeSync(this.directFd);
+    if (this.directFd >= 0) fs.closeSync(this.directFd);
     this.directFd = -1;
   }
 
   /** Read past the page cache, in pieces at once; any trouble (a short read at the end, a refusal) reads again through the cache. */
   private async preadDirect(buf: Buffer, offset: number): Promise<number> {
-    const fd = this.directFd!;
+    const fd = this.directFd;
     const pieces: Promise<number>[] = [];
     let full = true;
     for (let at = 0; at < buf.length; at += DIRECT_READ_PIECE) {
