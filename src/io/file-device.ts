@@ -12,8 +12,16 @@ const NOWAIT_MISS_LIMIT = 8;
 /** Once they are, one read in this many still tries the page cache first. */
 const NOWAIT_PROBE_EVERY = 16;
 
-/** Writes up to this size are issued synchronously (they land in the page cache). */
-const SYNC_WRITE_MAX = 64 * 1024;
+/**
+ * Writes up to this size are issued synchronously: they only copy into the
+ * page cache, and the thread-pool round trip (two wake-ups) cost more than the
+ * copy. That holds up to the largest FUSE WRITE (1 MiB): the sync phase of
+ * the ext4-on-loop benchmark, 190 writes of 4-570 KiB that wait on each
+ * other, took 0.085-0.114 s against 0.109-0.136 s with the limit at 64 KiB.
+ * The price: a write the kernel throttles (too much dirty data for the disk)
+ * holds up the event loop, not a pool thread, while it waits.
+ */
+const SYNC_WRITE_MAX = 1024 * 1024;
 
 /**
  * Reads at least this large of a range the page cache does not hold whole
