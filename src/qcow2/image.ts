@@ -22,7 +22,7 @@ import {
   QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_AUTOCLEAR_MAINTAINED, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW_CRYPT_NONE,
   QCOW_MAX_L1_SIZE_BYTES, QCOW_MAX_REFTABLE_SIZE_BYTES, QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER,
   QCOW_OFLAG_ZERO_LO, L1E_RESERVED_HI, L1E_RESERVED_LO, QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD,
-  QCOW_MAX_VIRTUAL_SIZE, QCOW_MAX_SNAPSHOTS_SIZE,
+  QCOW_MAX_VIRTUAL_SIZE, QCOW_MAX_SNAPSHOTS_SIZE, MIN_CLUSTER_BITS, MAX_CLUSTER_BITS,
 } from './constants';
 import {
   CorruptImageError, UnsupportedImageError, ReadOnlyImageError, BackingChainError, InvalidRequestError, ImageLockedError,
@@ -90,6 +90,28 @@ const DEFAULT_L2_CACHE = 32 * 1024 * 1024;
 const DEFAULT_REFCOUNT_CACHE = 4 * 1024 * 1024;
 const MAX_PENDING_FREES = 4096;
 const COMPRESSED_CACHE_CLUSTERS = 8;
+
+/**
+ * Cluster 0: the header, its extensions and (usually) the backing file name
+ * all live in it. Its size is in the header itself (cluster_bits, offset 20),
+ * so a page is read first, then the rest of the cluster if it is larger.
+ * Bytes past the end of the file are left out; the decoder reports a file
+ * too short.
+ */
+async function readHeaderCluster(dev: BlockDevice): Promise<Buffer> {
+  const fileSize = Math.max(dev.size(), 0);
+  const page = Buffer.alloc(Math.min(fileSize, 4096));
+  await readFull(dev, page, 0);
+  const clusterBits = page.length >= 24 ? page.readUInt32BE(20) : 0;
+  // An out-of-range value is the decoder's to report.
+  if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) return page;
+  const want = Math.min(fileSize, 2 ** clusterBits);
+  if (want <= page.length) return page;
+  const cluster = Buffer.alloc(want);
+  page.copy(cluster);
+  await readFull(dev, cluster.subarray(page.length), page.length);
+  return cluster;
+}
 
 /** Open an image file with QEMU's locks (unless `lock` is false). */
 async function openFileDevice(file: string, readOnly: boolean, opts: OpenOptions): Promise<BlockDevice> {
@@ -175,10 +197,8 @@ export class Qcow2Image implements Layer {
   /** Open an image on a device. The device is owned by the image from then on. */
   static async open(dev: BlockDevice, opts: OpenOptions = {}): Promise<Qcow2Image> {
     const name = opts.filename ?? dev.name;
-    const first = Buffer.alloc(Math.min(Math.max(dev.size(), 0), 2 * 1024 * 1024));
-    await readFull(dev, first, 0);
     if (dev.size() < 72) throw new NotQcow2Error(name, `file too short (${dev.size()} bytes)`);
-    const header = decodeHeader(first, dev.size(), name);
+    const header = decodeHeader(await readHeaderCluster(dev), dev.size(), name);
     const img = new Qcow2Image(dev, header, name, opts);
     try {
       await img.init();
