@@ -393,4 +393,26 @@ describe('FileDevice: cold large reads past the page cache', () => {
       fs.rmSync(shm, { recursive: true, force: true });
     }
   });
+
+  it('without readahead small reads bring in only their pages; readAhead() turns the kernel\'s readahead back on', async () => {
+    const { file, data } = coldFile(4 << 20);
+    const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
+    // Two small reads one after the other: the kernel reads ahead of the second, if it may.
+    const twoReads = async (at: number): Promise<void> => {
+      const small = Buffer.alloc(4096);
+      for (const pos of [at, at + 4096]) {
+        expect(await dev.pread(small, pos)).to.equal(4096);
+        expect(small.equals(data.subarray(pos, pos + 4096))).to.equal(true);
+      }
+    };
+    try {
+      await twoReads(1 << 20);
+      expect(cached(dev.fd, 0, 4 << 20), 'only the pages read').to.equal(8192);
+      dev.readAhead();
+      await twoReads(3 << 20);
+      expect(cached(dev.fd, 3 << 20, 1 << 20), 'the pages read and the kernel\'s readahead after them').to.be.above(8192);
+    } finally {
+      await dev.close();
+    }
+  });
 });
