@@ -40,26 +40,6 @@ const DIRECT_ALIGN = 4096;
 /** The aligned buffer a direct read into an unaligned one goes through, in turns of this size. */
 const BOUNCE_BYTES = 1024 * 1024;
 const MAX_BOUNCES = 4;
-/**
- * Direct reads that follow one another (each starts where the last ended)
- * have this many bytes after them read ahead, in pieces of their size: the
- * disk works on the next ranges while the transport sends this one. (The
- * kernel's readahead, which would do this for reads through the cache, is
- * off: see DIRECT_READ_MIN.) A cold 4 GiB read through a mount took
- * 2.6-3.5 s against 3.1-5.2 s without; 8 MiB ahead did no better than 2.
- */
-const DIRECT_READ_AHEAD = 2 * 1024 * 1024;
-
-/** A range read ahead of a sequential direct reader. */
-interface AheadRead {
-  position: number;
-  length: number;
-  buf: Buffer;
-  /** Whether all of it was read. */
-  done: Promise<boolean>;
-  /** A write overlapped it: whatever it read is stale. */
-  stale: boolean;
-}
 
 /** fs.read as a promise, without FileHandle's extra bookkeeping on the hot path. */
 function readAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
@@ -109,12 +89,6 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private readonly cacheStat = new Float64Array(2);
   /** Aligned buffers for direct reads into unaligned ones, kept for reuse. */
   private readonly bounces: Buffer[] = [];
-  /** Ranges read ahead (oldest first), where the last direct read ended, and spare buffers for more. */
-  private ahead: AheadRead[] = [];
-  private directEnd = -1;
-  private readonly spareAhead: Buffer[] = [];
-  /** Direct reads served from ranges read ahead. */
-  readonly stats = { readAheadHits: 0 };
 
   private constructor(
     readonly fd: number,
@@ -155,72 +129,10 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
 
   pread(buf: Buffer, offset: number): Promise<number> {
     if (this.readsPastCache(offset, buf.length)) {
-      const sequential = offset === this.directEnd;
-      this.directEnd = offset + buf.length;
-      const read = this.takeAhead(buf, offset) ?? this.preadPastCache(buf, offset);
-      if (sequential) this.readAheadOf(offset + buf.length, buf.length);
-      return read;
+      if (this.native!.addressMod(buf, DIRECT_ALIGN) === 0) return this.preadDirect(buf, offset);
+      return this.preadBounced(buf, offset);
     }
     return this.preadCached(buf, offset);
-  }
-
-  /** The read of [offset, +buf.length) from a range read ahead, if one holds it; null if none does. */
-  private takeAhead(buf: Buffer, offset: number): Promise<number> | null {
-    // Ranges behind this read are of no more use.
-    while (this.ahead.length > 0 && this.ahead[0].position + this.ahead[0].length <= offset) this.recycle(this.ahead.shift()!);
-    const a = this.ahead[0];
-    if (a === undefined || a.position !== offset || a.length < buf.length) {
-      // The reader went elsewhere (or its reads came out of order): start again.
-      this.dropAhead();
-      return null;
-    }
-    this.ahead.shift();
-    return a.done.then((whole) => {
-      const hit = whole && !a.stale; // else it was written to since, or not read whole
-      if (hit) a.buf.copy(buf, 0, 0, buf.length);
-      this.recycle(a);
-      if (!hit) return this.preadPastCache(buf, offset);
-      this.stats.readAheadHits++;
-      return buf.length;
-    });
-  }
-
-  /**
-   * Read ahead of a sequential reader whose next read starts at `from`, in
-   * pieces of `piece` bytes, until DIRECT_READ_AHEAD bytes are read or being
-   * read. Ranges that would not be read direct (cached, written to) are left
-   * to the reader.
-   */
-  private readAheadOf(from: number, piece: number): void {
-    const last = this.ahead[this.ahead.length - 1];
-    let at = last !== undefined ? last.position + last.length : from;
-    while (at + piece <= from + DIRECT_READ_AHEAD && at + piece <= this.length && this.readsPastCache(at, piece)) {
-      const i = this.spareAhead.findIndex((b) => b.length === piece);
-      const buf = i >= 0 ? this.spareAhead.splice(i, 1)[0] : this.native!.alignedBuffer(piece);
-      this.ahead.push({ position: at, length: piece, buf, done: this.readDirect(buf, at), stale: false });
-      at += piece;
-    }
-  }
-
-  /** Keep a range's buffer for the next read ahead, once nothing writes into it any more. */
-  private recycle(a: AheadRead): void {
-    void a.done.then(() => {
-      if (this.spareAhead.length <= DIRECT_READ_AHEAD / a.length) this.spareAhead.push(a.buf);
-    });
-  }
-
-  private dropAhead(): void {
-    for (const a of this.ahead) this.recycle(a);
-    this.ahead = [];
-  }
-
-  /** Ranges read ahead that [offset, +length) overlaps go stale (a write). */
-  private staleAhead(offset: number, length: number): void {
-    for (const a of this.ahead) if (a.position < offset + length && offset < a.position + a.length) a.stale = true;
-  }
-
-  private preadPastCache(buf: Buffer, offset: number): Promise<number> {
-    return this.native!.addressMod(buf, DIRECT_ALIGN) === 0 ? this.preadDirect(buf, offset) : this.preadBounced(buf, offset);
   }
 
   /** A direct read for a buffer O_DIRECT cannot take (not page-aligned): into an aligned one, then copied. */
@@ -286,13 +198,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     this.directFd = -1;
   }
 
-  /** Read past the page cache; any trouble (a short read at the end, a refusal) reads again through the cache. */
+  /** Read past the page cache, in pieces at once; any trouble (a short read at the end, a refusal) reads again through the cache. */
   private async preadDirect(buf: Buffer, offset: number): Promise<number> {
-    return (await this.readDirect(buf, offset)) ? buf.length : this.preadCached(buf, offset);
-  }
-
-  /** Read all of buf past the page cache, in pieces at once: false on any trouble. */
-  private async readDirect(buf: Buffer, offset: number): Promise<boolean> {
     const fd = this.directFd;
     const pieces: Promise<number>[] = [];
     let full = true;
@@ -310,7 +217,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     }
     // Every piece in flight writes into buf: all must be done before it is read again another way.
     const results = await Promise.all(pieces);
-    return full && results.every((n) => n >= 0);
+    if (full && results.every((n) => n >= 0)) return buf.length;
+    return this.preadCached(buf, offset);
   }
 
   private preadCached(buf: Buffer, offset: number): Promise<number> {
@@ -360,7 +268,6 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
 
   async pwrite(buf: Buffer, offset: number): Promise<void> {
     this.unsynced = true;
-    if (this.ahead.length > 0) this.staleAhead(offset, buf.length);
     if (buf.length <= SYNC_WRITE_MAX) {
       // A small write only copies into the page cache: doing it here saves a thread-pool round trip.
       let n = 0;
@@ -389,7 +296,6 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
 
   async truncate(size: number): Promise<void> {
     this.unsynced = true;
-    if (this.ahead.length > 0) this.staleAhead(0, Number.MAX_SAFE_INTEGER);
     await call<void>((cb) => fs.ftruncate(this.fd, size, cb));
     this.length = size;
   }

@@ -394,40 +394,6 @@ describe('FileDevice: cold large reads past the page cache', () => {
     }
   });
 
-  it('reads ahead of sequential direct reads, past the cache, and a write in between is read back', async () => {
-    const { file, data } = coldFile(8 << 20);
-    const dev = await FileDevice.open(file, { readahead: false });
-    try {
-      const aligned = native.alignedBuffer(1 << 20);
-      const plain = Buffer.alloc(1 << 20);
-      for (let at = 0; at < 4 << 20; at += 1 << 20) {
-        const buf = at === 2 << 20 ? plain : aligned; // a hit copies into any buffer
-        expect(await dev.pread(buf, at)).to.equal(1 << 20);
-        expect(buf.equals(data.subarray(at, at + (1 << 20))), `bytes at ${at}`).to.equal(true);
-      }
-      expect(dev.stats.readAheadHits, 'reads served from ranges read ahead').to.be.at.least(2);
-      expect(cached(dev.fd, 0, 8 << 20), 'read ahead past the cache too').to.equal(0);
-      // 4 and 5 MiB are being read ahead now: a write into them is what a read then sees.
-      const patch = randomBytes(8192);
-      await dev.pwrite(patch, (5 << 20) + 4096);
-      patch.copy(data, (5 << 20) + 4096);
-      // On disk: the range goes past the cache again, where the copy read ahead is out of date.
-      await dev.flush();
-      expect(dev.readsPastCache(5 << 20, 1 << 20)).to.equal(true);
-      const hits = dev.stats.readAheadHits;
-      for (const [at, buf] of [[4 << 20, aligned], [5 << 20, plain]] as const) {
-        expect(await dev.pread(buf, at)).to.equal(1 << 20);
-        expect(buf.equals(data.subarray(at, at + (1 << 20))), `bytes at ${at}`).to.equal(true);
-      }
-      expect(dev.stats.readAheadHits, 'the range untouched by the write was a hit, the other read again').to.equal(hits + 1);
-      // A reader that jumps elsewhere gets its bytes, not a range read ahead for another place.
-      expect(await dev.pread(aligned, 1 << 20)).to.equal(1 << 20);
-      expect(aligned.equals(data.subarray(1 << 20, 2 << 20))).to.equal(true);
-    } finally {
-      await dev.close();
-    }
-  });
-
   it('without readahead small reads bring in only their pages; readAhead() turns the kernel\'s readahead back on', async () => {
     const { file, data } = coldFile(4 << 20);
     const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
