@@ -30,6 +30,13 @@ export interface MountedFile {
   hostPath: string;
   /** Bypass the page cache, so every read and write reaches the backend. */
   directIo?: boolean;
+  /**
+   * The file shows the bytes of `disk` from `start` on (a whole disk at 0, a
+   * partition at its first byte). Files of one disk alias each other: what
+   * is written through one, the kernel must not keep serving stale from
+   * another's page cache.
+   */
+  window?: { disk: object; start: number };
 }
 
 interface Node {
@@ -257,7 +264,30 @@ export class ImageFs implements FuseFilesystem {
     if (offset + data.length > b.size()) await b.resize(offset + data.length);
     await b.write(data, offset);
     n.mtimeMs = n.ctimeMs = Date.now();
+    await this.invalidateAliases(n, offset, data.length);
     return data.length;
+  }
+
+  /**
+   * Drop the kernel's cached pages of [offset, offset+length) of n as other
+   * files of the same disk show them. Done before the change is answered, so
+   * a read through any of them that follows sees it.
+   */
+  private async invalidateAliases(n: Node, offset: number, length: number): Promise<void> {
+    const w = n.file.window;
+    const invalidate = this.conn?.invalidate;
+    if (w === undefined || invalidate === undefined || length <= 0) return;
+    const from = w.start + offset;
+    const to = from + length;
+    const pending: Promise<void>[] = [];
+    for (const m of this.nodes.values()) {
+      const v = m.file.window;
+      if (m === n || v === undefined || v.disk !== w.disk) continue;
+      const a = Math.max(from, v.start);
+      const b = Math.min(to, v.start + m.file.backend.size());
+      if (a < b) pending.push(invalidate(m.nodeid, a - v.start, b - a));
+    }
+    await Promise.all(pending);
   }
 
   async flush(_ctx: RequestContext, nodeid: NodeId): Promise<void> {
@@ -311,10 +341,12 @@ export class ImageFs implements FuseFilesystem {
       if (!keepSize) throw new FuseErrno(E.EINVAL); // PUNCH_HOLE must come with KEEP_SIZE (fallocate(2))
       const stop = Math.min(end, b.size());
       if (stop > offset) await b.writeZeroes(offset, stop - offset, true);
+      await this.invalidateAliases(n, offset, stop - offset);
     } else if (mode & FALLOC_FL_ZERO_RANGE) {
       if (!keepSize && end > b.size()) await b.resize(end);
       const stop = Math.min(end, b.size());
       if (stop > offset) await b.writeZeroes(offset, stop - offset, false);
+      await this.invalidateAliases(n, offset, stop - offset);
     } else if (!keepSize && end > b.size()) {
       // Plain allocation: the file grows; clusters are allocated when written.
       await b.resize(end);

@@ -307,3 +307,8 @@ function validateOpcodeTable(): void {
   }
 }
 validateOpcodeTable();
+
+/** Notifications the filesystem sends unasked (fuse_notify_code): the out header's error field. */
+export const FUSE_NOTIFY_INVAL_INODE = 2;
+/** struct fuse_notify_inval_inode_out: ino, off, len. */
+export const FUSE_NOTIFY_INVAL_INODE_OUT_SIZE = 24;

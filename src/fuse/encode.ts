@@ -11,6 +11,7 @@ import {
   FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FUSE_ATTR_OUT_SIZE, FUSE_COMPAT_22_INIT_OUT_SIZE,
   FUSE_DIRENT_HEADER_SIZE, FUSE_ENTRY_OUT_SIZE, FUSE_INIT_OUT_SIZE, FUSE_LSEEK_OUT_SIZE,
   FUSE_OPEN_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_STATFS_OUT_SIZE, FUSE_WRITE_OUT_SIZE,
+  FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE,
   fuseDirentplusSize, fuseDirentSize,
 } from './abi';
 import type { Attr, AttrReply, DirEntry, Entry, OpenReply, Statfs } from './filesystem';
@@ -21,6 +22,20 @@ export function encodeOutHeader(buf: Buffer, len: number, error: number, unique:
   buf.writeUInt32LE(len, 0);
   buf.writeInt32LE(error, 4);
   writeU64LE(buf, 8, unique);
+}
+
+/**
+ * FUSE_NOTIFY_INVAL_INODE: the kernel drops its cached pages of
+ * [offset, offset+length) of the inode (length 0: to the end of the file).
+ * A notification has unique 0 and the notify code in the error field.
+ */
+export function encodeNotifyInvalInode(buf: Buffer, nodeid: number, offset: number, length: number): number {
+  const len = FUSE_OUT_HEADER_SIZE + FUSE_NOTIFY_INVAL_INODE_OUT_SIZE;
+  encodeOutHeader(buf, len, FUSE_NOTIFY_INVAL_INODE, 0);
+  writeU64LE(buf, FUSE_OUT_HEADER_SIZE, nodeid);
+  writeI64LE(buf, FUSE_OUT_HEADER_SIZE + 8, offset);
+  writeI64LE(buf, FUSE_OUT_HEADER_SIZE + 16, length);
+  return len;
 }
 
 /** An error reply: a bare header with error = -errno. */

@@ -115,6 +115,14 @@ export interface ConnectionInfo {
   /** Whether the kernel will send LSEEK / FALLOCATE (false on libfuse 2). */
   supportsLseek: boolean;
   supportsFallocate: boolean;
+  /**
+   * Drop the kernel's cached pages of [offset, offset+length) of a file
+   * (length 0: to its end), for data that changed behind the kernel's back.
+   * Resolves once the kernel has done so; absent where the transport cannot.
+   * Never await it while holding up a request on that same file: the kernel
+   * may wait for that request's pages first.
+   */
+  invalidate?: (nodeid: number, offset: number, length: number) => Promise<void>;
 }
 
 /** lseek whence values the filesystem may be asked for. */

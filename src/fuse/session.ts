@@ -58,7 +58,7 @@ import {
 import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest } from './decode';
 import {
   encodeAttr, encodeDirents, encodeEmpty, encodeEntry, encodeError, encodeInit, encodeLseek,
-  encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
+  encodeNotifyInvalInode, encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
 } from './encode';
 import {
   FuseErrno, type ConnectionInfo, type DirEntry, type FileSlices, type FuseFilesystem, type MountOptions, type RequestContext,
@@ -682,6 +682,7 @@ export class FuseSession {
       maxRead: Math.min(effectiveMax, this.opts.maxReadBytes ?? effectiveMax),
       supportsLseek: minor >= 24,
       supportsFallocate: minor >= 19,
+      invalidate: minor >= 12 ? (nodeid, offset, length) => this.notifyInvalInode(nodeid, offset, length) : undefined,
     };
     try {
       await this.filesystem.init?.(conn);
@@ -826,6 +827,29 @@ export class FuseSession {
     if (result < 0) this.writeFailed(p, codeError(errnoName(-result), `splice: ${errnoName(-result)}`));
     if (this.debug) this.debugPending(p, result < 0 ? errnoName(-result) : `${result - FUSE_OUT_HEADER_SIZE} bytes (spliced)`);
     return true;
+  }
+
+  /**
+   * FUSE_NOTIFY_INVAL_INODE, written from the threadpool: the kernel may have
+   * to wait for a READ of those pages that only this thread can answer.
+   * An inode the kernel no longer knows (ENOENT) has nothing cached.
+   */
+  private async notifyInvalInode(nodeid: number, offset: number, length: number): Promise<void> {
+    if (this.stopping) return;
+    const buf = Buffer.alloc(64);
+    const len = encodeNotifyInvalInode(buf, nodeid, offset, length);
+    this.repliesOnPool++;
+    try {
+      await new Promise<void>((resolve, reject) => fs.write(this.fd, buf, 0, len, null, (err) => (err ? reject(err) : resolve())));
+      if (this.debug) this.debugLine(0, 'NOTIFY_INVAL_INODE', nodeid, `offset=${offset} length=${length}`, 'ok', 0);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (this.debug || (code !== 'ENOENT' && code !== 'ENODEV')) {
+        process.stderr.write(`qcowfs: fuse: invalidating node ${nodeid} failed: ${(e as Error).message}\n`);
+      }
+    } finally {
+      this.repliesOnPool--;
+    }
   }
 
   private writeFailed(p: Pending, e: unknown): void {

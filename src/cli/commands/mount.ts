@@ -195,10 +195,13 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
         continue;
       }
       const watch = new PartitionWatch(disk, table);
-      files[i] = { ...files[i], backend: new WatchedDisk(disk, watch) };
+      files[i] = { ...files[i], backend: new WatchedDisk(disk, watch), window: { disk, start: 0 } };
       for (const part of table.partitions) {
         // Uncached, so a partition file stops serving the moment its table changes.
-        files.push({ name: `${stem(pl.images[i])}-p${part.number}.raw`, backend: new PartitionBackend(disk, watch, part), hostPath: pl.images[i], directIo: true });
+        files.push({
+          name: `${stem(pl.images[i])}-p${part.number}.raw`, backend: new PartitionBackend(disk, watch, part), hostPath: pl.images[i],
+          directIo: true, window: { disk, start: part.start },
+        });
       }
     }
   }

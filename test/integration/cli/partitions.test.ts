@@ -103,6 +103,49 @@ describe('mount --partitions: each partition of the disk as its own file', funct
     }
   });
 
+  it('keeps the disk file and a partition file coherent: a write through one is what the other reads', () => {
+    const img = path.join(dir, 'alias.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '64M');
+    expect(qcowfs('mount', img, mnt).status).to.equal(0);
+    run('sfdisk', ['-q', path.join(mnt, 'alias.raw')], { input: 'label: gpt\nstart=2048, size=32M\n' });
+    expect(qcowfs('unmount', mnt).status).to.equal(0);
+    expect(qcowfs('mount', '--partitions', img, mnt).status).to.equal(0);
+    const start = 2048 * 512;
+    const disk = fs.openSync(path.join(mnt, 'alias.raw'), 'r+');
+    const part = fs.openSync(path.join(mnt, 'alias-p1.raw'), 'r+');
+    const page = Buffer.alloc(4096);
+    try {
+      // The disk file's pages are cached (kept across opens, too) ...
+      expect(fs.readSync(disk, page, 0, 4096, start + 8192)).to.equal(4096);
+      expect(page.equals(Buffer.alloc(4096))).to.equal(true);
+      // ... and a write through the partition file reaches them.
+      const one = Buffer.alloc(4096, 0x5a);
+      expect(fs.writeSync(part, one, 0, 4096, 8192)).to.equal(4096);
+      expect(fs.readSync(disk, page, 0, 4096, start + 8192)).to.equal(4096);
+      expect(page.equals(one), 'the disk file reads the partition file\'s write').to.equal(true);
+      // Zeroing through the partition file too (fallocate, as discard does).
+      run('fallocate', ['--zero-range', '--keep-size', '-o', '8192', '-l', '4096', path.join(mnt, 'alias-p1.raw')]);
+      expect(fs.readSync(disk, page, 0, 4096, start + 8192)).to.equal(4096);
+      expect(page.equals(Buffer.alloc(4096)), 'the disk file reads the zeroes').to.equal(true);
+      // The other way round.
+      const two = Buffer.alloc(4096, 0xa5);
+      expect(fs.writeSync(disk, two, 0, 4096, start + 16384)).to.equal(4096);
+      expect(fs.readSync(part, page, 0, 4096, 16384)).to.equal(4096);
+      expect(page.equals(two), 'the partition file reads the disk file\'s write').to.equal(true);
+    } finally {
+      fs.closeSync(part);
+      fs.closeSync(disk);
+    }
+    expect(qcowfs('unmount', mnt).status).to.equal(0);
+    // QEMU reads what both files were last given.
+    run('qemu-img', ['convert', '-O', 'raw', img, `${img}.raw`]);
+    const got = fs.readFileSync(`${img}.raw`);
+    expect(got.subarray(start + 8192, start + 12288).equals(Buffer.alloc(4096))).to.equal(true);
+    expect(got.subarray(start + 16384, start + 20480).equals(Buffer.alloc(4096, 0xa5))).to.equal(true);
+    const c = qemuCheck(img);
+    expect((c.corruptions ?? 0) + (c.leaks ?? 0) + c['check-errors']).to.equal(0);
+  });
+
   it('warns and serves the whole disk when there is no partition table', () => {
     const img = path.join(dir, 'none.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '16M');

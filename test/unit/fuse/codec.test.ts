@@ -12,7 +12,7 @@ import {
 import { decodeRequest, FuseProtocolError, type FuseRequest } from '../../../src/fuse/decode';
 import {
   direntType, encodeAttr, encodeDirents, encodeDirentsPlus, encodeEmpty, encodeEntry, encodeError, encodeInit,
-  encodeLseek, encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
+  encodeLseek, encodeNotifyInvalInode, encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
 } from '../../../src/fuse/encode';
 import type { Attr, DirEntry, Entry } from '../../../src/fuse/filesystem';
 import { readI64LE, readU64LE, writeI64LE, writeU64LE } from '../../../src/fuse/wire';
@@ -349,6 +349,16 @@ describe('fuse reply encoding', () => {
     expect(encodeLseek(scratch, 14, 2 ** 45)).to.equal(24);
     expect(scratch.readBigUInt64LE(16)).to.equal(2n ** 45n);
     expect(() => encodeLseek(scratch, 14, -1)).to.throw(RangeError);
+  });
+
+  it('notify_inval_inode: unique 0, the notify code where an error would be, then ino, off, len', () => {
+    expect(encodeNotifyInvalInode(scratch, 2, 1 << 20, 4096)).to.equal(16 + 24);
+    expect(scratch.readUInt32LE(0)).to.equal(40);
+    expect(scratch.readInt32LE(4)).to.equal(2); // FUSE_NOTIFY_INVAL_INODE
+    expect(scratch.readBigUInt64LE(8)).to.equal(0n);
+    expect(scratch.readBigUInt64LE(16)).to.equal(2n);
+    expect(scratch.readBigInt64LE(24)).to.equal(1n << 20n);
+    expect(scratch.readBigInt64LE(32)).to.equal(4096n);
   });
 
   it('statfs_out (fuse_kstatfs)', () => {
