@@ -78,13 +78,19 @@ describe('mount --partitions: each partition of the disk as its own file', funct
     });
   }
 
-  it('refuses I/O on partition files once the table changes', () => {
-    const img = path.join(dir, 'chg.qcow2');
-    qemuImg('create', '-q', '-f', 'qcow2', img, '128M');
+  /** A new image partitioned by sfdisk (through a mount), then mounted with --partitions. */
+  function mountPartitioned(name: string, size: string, table: string): string {
+    const img = path.join(dir, `${name}.qcow2`);
+    qemuImg('create', '-q', '-f', 'qcow2', img, size);
     expect(qcowfs('mount', img, mnt).status).to.equal(0);
-    run('sfdisk', ['-q', path.join(mnt, 'chg.raw')], { input: 'label: gpt\n,32M\n,\n' });
+    run('sfdisk', ['-q', path.join(mnt, `${name}.raw`)], { input: table });
     expect(qcowfs('unmount', mnt).status).to.equal(0);
     expect(qcowfs('mount', '--partitions', img, mnt).status).to.equal(0);
+    return img;
+  }
+
+  it('refuses I/O on partition files once the table changes', () => {
+    mountPartitioned('chg', '128M', 'label: gpt\n,32M\n,\n');
     const p2 = path.join(mnt, 'chg-p2.raw');
     const buf = Buffer.alloc(4096);
     const fd = fs.openSync(p2, 'r');
@@ -104,12 +110,7 @@ describe('mount --partitions: each partition of the disk as its own file', funct
   });
 
   it('keeps the disk file and a partition file coherent: a write through one is what the other reads', () => {
-    const img = path.join(dir, 'alias.qcow2');
-    qemuImg('create', '-q', '-f', 'qcow2', img, '64M');
-    expect(qcowfs('mount', img, mnt).status).to.equal(0);
-    run('sfdisk', ['-q', path.join(mnt, 'alias.raw')], { input: 'label: gpt\nstart=2048, size=32M\n' });
-    expect(qcowfs('unmount', mnt).status).to.equal(0);
-    expect(qcowfs('mount', '--partitions', img, mnt).status).to.equal(0);
+    const img = mountPartitioned('alias', '64M', 'label: gpt\nstart=2048, size=32M\n');
     const start = 2048 * 512;
     const disk = fs.openSync(path.join(mnt, 'alias.raw'), 'r+');
     const part = fs.openSync(path.join(mnt, 'alias-p1.raw'), 'r+');
