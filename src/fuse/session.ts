@@ -53,7 +53,7 @@ import { performance } from 'perf_hooks';
 import {
   FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION,
   FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
-  FUSE_MIN_READ_BUFFER, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, opcodeName, OPCODES,
+  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, opcodeName, OPCODES,
 } from './abi';
 import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest } from './decode';
 import {
@@ -782,15 +782,22 @@ export class FuseSession {
     p.replied = true;
     const header = Buffer.allocUnsafe(FUSE_OUT_HEADER_SIZE);
     encodeReadHeader(header, p.unique, data.length);
-    this.repliesOnPool++;
     try {
-      await new Promise<void>((resolve, reject) => fs.writev(this.fd, [header, data], (err) => (err ? reject(err) : resolve())));
+      await this.writeOnPool([header, data]);
     } catch (e) {
       this.writeFailed(p, e);
+    }
+    if (this.debug) this.debugPending(p, `${data.length} bytes`);
+  }
+
+  /** Write one message to the device from a threadpool thread; the device stays open until it is done. */
+  private async writeOnPool(parts: Buffer[]): Promise<void> {
+    this.repliesOnPool++;
+    try {
+      await new Promise<void>((resolve, reject) => fs.writev(this.fd, parts, (err) => (err ? reject(err) : resolve())));
     } finally {
       this.repliesOnPool--;
     }
-    if (this.debug) this.debugPending(p, `${data.length} bytes`);
   }
 
   /**
@@ -836,19 +843,16 @@ export class FuseSession {
    */
   private async notifyInvalInode(nodeid: number, offset: number, length: number): Promise<void> {
     if (this.stopping) return;
-    const buf = Buffer.alloc(64);
-    const len = encodeNotifyInvalInode(buf, nodeid, offset, length);
-    this.repliesOnPool++;
+    const buf = Buffer.alloc(FUSE_OUT_HEADER_SIZE + FUSE_NOTIFY_INVAL_INODE_OUT_SIZE);
+    encodeNotifyInvalInode(buf, nodeid, offset, length);
     try {
-      await new Promise<void>((resolve, reject) => fs.write(this.fd, buf, 0, len, null, (err) => (err ? reject(err) : resolve())));
+      await this.writeOnPool([buf]);
       if (this.debug) this.debugLine(0, 'NOTIFY_INVAL_INODE', nodeid, `offset=${offset} length=${length}`, 'ok', 0);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (this.debug || (code !== 'ENOENT' && code !== 'ENODEV')) {
         process.stderr.write(`qcowfs: fuse: invalidating node ${nodeid} failed: ${(e as Error).message}\n`);
       }
-    } finally {
-      this.repliesOnPool--;
     }
   }
 
