@@ -123,6 +123,14 @@ export interface ConnectionInfo {
    * may wait for that request's pages first.
    */
   invalidate?: (nodeid: number, offset: number, length: number) => Promise<void>;
+  /**
+   * True while the request being handled is the only one: no other handler
+   * is pending and the device held no further request when last read. A
+   * handler may then do a short blocking operation on the spot rather than
+   * wait for an asynchronous completion, since nothing else waits for the
+   * thread meanwhile. Absent where the transport cannot tell.
+   */
+  soleRequest?: () => boolean;
 }
 
 /** lseek whence values the filesystem may be asked for. */

@@ -253,6 +253,8 @@ export class FuseSession {
   private native: NativeModule | null = null;
   private poll: PollHandle | undefined;
   private pollParked = false;
+  /** Poll mode: the last read of the device found it empty (EAGAIN). */
+  private drained = false;
   private sweepTimer: NodeJS.Timeout | undefined;
   private conn: ConnectionInfo | undefined;
   /** Where READ replies are spliced from (native module), or null. */
@@ -396,6 +398,7 @@ export class FuseSession {
       }
       const buf = this.takeBuffer();
       const n = native.readInto(this.fd, buf);
+      this.drained = n === -E.EAGAIN;
       if (n < 0) {
         this.giveBuffer(buf);
         const errno = -n;
@@ -683,6 +686,8 @@ export class FuseSession {
       supportsLseek: minor >= 24,
       supportsFallocate: minor >= 19,
       invalidate: minor >= 12 ? (nodeid, offset, length) => this.notifyInvalInode(nodeid, offset, length) : undefined,
+      // Only poll mode reads the device until it is empty, and so knows.
+      soleRequest: this.native !== null ? () => this.drained && this.pending.size <= 1 : undefined,
     };
     try {
       await this.filesystem.init?.(conn);

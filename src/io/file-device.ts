@@ -40,6 +40,16 @@ const DIRECT_ALIGN = 4096;
 /** The aligned buffer a direct read into an unaligned one goes through, in turns of this size. */
 const BOUNCE_BYTES = 1024 * 1024;
 const MAX_BOUNCES = 4;
+/**
+ * Reads up to this size may block the calling thread when the owner says
+ * nothing else waits for it (`blockingReads`). A cold 4 KiB read then costs
+ * one system call instead of a submission and the wake-up that reports its
+ * completion: cold random 4 KiB reads at queue depth 1 through a mount, 8
+ * interleaved runs, median 7134 IOPS against 6341 asynchronously (higher in
+ * 7 of 8). Larger reads stay asynchronous: blocking for them would hold up
+ * requests that arrive meanwhile for longer.
+ */
+const BLOCKING_READ_MAX = 128 * 1024;
 
 /** fs.read as a promise, without FileHandle's extra bookkeeping on the hot path. */
 function readAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
@@ -89,6 +99,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private readonly cacheStat = new Float64Array(2);
   /** Aligned buffers for direct reads into unaligned ones, kept for reuse. */
   private readonly bounces: Buffer[] = [];
+  /** See open(); undefined: reads that may wait always complete asynchronously. */
+  private blockingReads: (() => boolean) | undefined;
 
   private constructor(
     readonly fd: number,
@@ -104,8 +116,14 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
    * share, writers exclude everyone else) and fail with LockConflictError.
    * With `readahead` false, the kernel reads nothing ahead in it and large
    * reads of what it does not cache go past the cache (DIRECT_READ_MIN).
+   * `blockingReads` is asked before a small read through the cache: when it
+   * returns true, the read is made on the spot with a blocking pread (see
+   * BLOCKING_READ_MAX), for an owner with nothing else to do meanwhile.
    */
-  static async open(path: string, opts: { readOnly?: boolean; lock?: boolean; readahead?: boolean } = {}): Promise<FileDevice> {
+  static async open(
+    path: string,
+    opts: { readOnly?: boolean; lock?: boolean; readahead?: boolean; blockingReads?: () => boolean } = {},
+  ): Promise<FileDevice> {
     const readOnly = opts.readOnly ?? false;
     const fd = await call<number>((cb) => fs.open(path, readOnly ? 'r' : 'r+', cb));
     try {
@@ -115,6 +133,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       }
       if (opts.lock) lockImage(fd, path, readOnly ? READ_ONLY_LOCK : READ_WRITE_LOCK);
       const dev = new FileDevice(fd, path, readOnly, st.size);
+      dev.blockingReads = opts.blockingReads;
       if (opts.readahead === false && st.isFile()) dev.openDirect();
       return dev;
     } catch (err) {
@@ -222,6 +241,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   private preadCached(buf: Buffer, offset: number): Promise<number> {
+    if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadNow(buf, offset);
     let done = 0;
     if (this.nowait !== null && buf.length > 0 && this.tryNowait()) {
       const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
@@ -244,6 +264,21 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       });
     }
     return this.preadFrom(buf, offset, done);
+  }
+
+  /** A blocking read on the calling thread; a cached range costs the same as a RWF_NOWAIT attempt. */
+  private preadNow(buf: Buffer, offset: number): Promise<number> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
+        if (n === 0) break;
+        done += n;
+      }
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return Promise.resolve(done);
   }
 
   /**

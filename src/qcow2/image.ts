@@ -73,6 +73,13 @@ export interface OpenOptions {
    * cache, and readahead would only fill it ahead of them.
    */
   hostReadahead?: boolean;
+  /**
+   * Asked before a small read the page cache may not serve: when it returns
+   * true, the read is made on the spot, blocking the calling thread, rather
+   * than completed asynchronously (FileDevice `blockingReads`). For a caller
+   * that knows when it has nothing else to do.
+   */
+  blockingReads?: () => boolean;
 }
 
 /** One run of guest space with one mapping in this layer. */
@@ -116,7 +123,9 @@ async function readHeaderCluster(dev: BlockDevice): Promise<Buffer> {
 /** Open an image file with QEMU's locks (unless `lock` is false). */
 async function openFileDevice(file: string, readOnly: boolean, opts: OpenOptions): Promise<BlockDevice> {
   try {
-    return await FileDevice.open(file, { readOnly, lock: opts.lock !== false, readahead: opts.hostReadahead !== false });
+    return await FileDevice.open(file, {
+      readOnly, lock: opts.lock !== false, readahead: opts.hostReadahead !== false, blockingReads: opts.blockingReads,
+    });
   } catch (err) {
     if (err instanceof LockConflictError) throw new ImageLockedError(err.file, err.reason);
     throw err;

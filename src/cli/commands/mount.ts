@@ -141,14 +141,17 @@ function plan(p: Parsed): MountPlan {
   };
 }
 
-async function openImages(pl: MountPlan): Promise<Qcow2Image[]> {
+async function openImages(pl: MountPlan, blockingReads: (() => boolean) | undefined): Promise<Qcow2Image[]> {
   const out: Qcow2Image[] = [];
   try {
     for (const file of pl.images) {
       // Through the kernel's page cache, reads arrive large (FUSE reads ahead itself): no readahead
       // on the image, and large reads of data the host does not cache go past its cache. With
       // --direct-io, reads come at the program's size, and the image's readahead serves the small ones.
-      const opts = { readOnly: pl.readOnly, snapshot: pl.snapshot, l2CacheBytes: pl.l2CacheBytes, refcountCacheBytes: pl.refcountCacheBytes, hostReadahead: pl.directIo };
+      const opts = {
+        readOnly: pl.readOnly, snapshot: pl.snapshot, l2CacheBytes: pl.l2CacheBytes, refcountCacheBytes: pl.refcountCacheBytes,
+        hostReadahead: pl.directIo, blockingReads,
+      };
       let img: Qcow2Image;
       try {
         img = await Qcow2Image.openFile(file, opts);
@@ -175,7 +178,14 @@ async function openImages(pl: MountPlan): Promise<Qcow2Image[]> {
 /** Serve the mount in this process until it is unmounted. */
 async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
   ensureThreadpool();
-  const images = await openImages(pl);
+  // A small read of the image is made on the spot while the request it serves is the
+  // only one the mount has: nothing else waits for the event loop meanwhile.
+  // QCOWFS_NO_BLOCKING_READS=1 turns it off.
+  let filesystem: ImageFs | undefined;
+  const blockingReads = process.env.QCOWFS_NO_BLOCKING_READS === '1'
+    ? undefined
+    : (): boolean => filesystem?.connection?.soleRequest?.() ?? false;
+  const images = await openImages(pl, blockingReads);
   const files: MountedFile[] = images.map((img, i) => ({
     name: rawName(pl.images[i]),
     backend: new ImageBackend(img),
@@ -213,7 +223,9 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
         // The active view already holds this file's locks for this process.
         let view: Qcow2Image;
         try {
-          view = await Qcow2Image.openFile(pl.images[i], { snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes, lock: false });
+          view = await Qcow2Image.openFile(pl.images[i], {
+            snapshot: snap.id, readOnly: true, allowCorrupt: true, l2CacheBytes: pl.l2CacheBytes, lock: false, blockingReads,
+          });
         } catch (err) {
           // One broken snapshot does not take the image and the other snapshots down with it.
           if (!(err instanceof CorruptImageError)) throw err;
@@ -225,7 +237,7 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
       }
     }
   }
-  const filesystem = new ImageFs(files, {
+  filesystem = new ImageFs(files, {
     rootIsFile: pl.rootIsFile,
     uid: process.getuid?.() ?? 0,
     gid: process.getgid?.() ?? 0,

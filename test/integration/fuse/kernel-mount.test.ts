@@ -5,7 +5,7 @@
  * directory and always unmounts in afterEach.
  */
 import { expect } from 'chai';
-import { randomBytes } from 'crypto';
+import { createHash, randomBytes } from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import { constants } from 'os';
@@ -159,6 +159,19 @@ for (const mode of ['poll', 'threadpool'] as const) {
         shOk(`dd if=${filePath(m)} bs=256k skip=${i * 4} count=4 status=none | cmp - ${expected} -i 0:${i * MiB} -n ${MiB}`));
       await Promise.all(jobs);
       expect(mfs.stats.peakInFlightReads).to.be.at.least(4);
+      // With others pending, a read is not the sole request (poll mode can tell; threadpool mode cannot).
+      if (mode === 'poll') expect(mfs.stats.soleReads).to.include(false);
+      else expect(mfs.stats.soleReads.every((s) => s === undefined)).to.equal(true);
+    });
+
+    it('tells a handler when its request is the only one (soleRequest, poll mode)', async () => {
+      const initial = randomBytes(MiB);
+      const m = await mountMemory({ directIo: true }, initial);
+      // One direct 4 KiB read at a time: each is alone.
+      const got = await shOk(`dd if=${filePath(m)} bs=4k count=16 iflag=direct status=none | sha256sum`);
+      expect(got.split(' ')[0]).to.equal(createHash('sha256').update(initial.subarray(0, 64 * 1024)).digest('hex'));
+      expect(mfs.stats.soleReads).to.have.length(16);
+      expect(mfs.stats.soleReads).to.deep.equal(new Array(16).fill(mode === 'poll' ? true : undefined));
     });
 
     it('passes 1 MiB reads and writes to the filesystem', async () => {

@@ -36,6 +36,8 @@ export interface MemoryFsStats {
   writes: number;
   inFlightReads: number;
   peakInFlightReads: number;
+  /** What ConnectionInfo.soleRequest said in each read, once the handler had yielded (as a real one has before its I/O). */
+  soleReads: Array<boolean | undefined>;
   lseeks: Array<{ offset: number; whence: number; result: number | string }>;
   fallocates: Array<{ offset: number; length: number; mode: number }>;
   readdirs: number;
@@ -51,7 +53,7 @@ export class MemoryFs implements FuseFilesystem {
   /** Block index -> allocated (holes are blocks never written or punched). */
   readonly allocated = new Set<number>();
   readonly stats: MemoryFsStats = {
-    maxReadSize: 0, maxWriteSize: 0, reads: 0, writes: 0, inFlightReads: 0, peakInFlightReads: 0,
+    maxReadSize: 0, maxWriteSize: 0, reads: 0, writes: 0, inFlightReads: 0, peakInFlightReads: 0, soleReads: [],
     lseeks: [], fallocates: [], readdirs: 0, destroyed: 0,
   };
   private mtimeMs = Date.now();
@@ -134,6 +136,8 @@ export class MemoryFs implements FuseFilesystem {
     this.stats.inFlightReads++;
     this.stats.peakInFlightReads = Math.max(this.stats.peakInFlightReads, this.stats.inFlightReads);
     try {
+      await Promise.resolve();
+      this.stats.soleReads.push(this.stats.init?.soleRequest?.());
       if (this.opts.readDelayMs) await new Promise((r) => setTimeout(r, this.opts.readDelayMs));
       const end = Math.min(this.size, offset + size);
       if (offset >= end) return Buffer.alloc(0);

@@ -394,6 +394,49 @@ describe('FileDevice: cold large reads past the page cache', () => {
     }
   });
 
+  it('blockingReads: a small read is made on the spot while the owner says so, else it completes later', async () => {
+    const { file, data } = coldFile(4 << 20);
+    let sole = true;
+    let asked = 0;
+    const dev = await FileDevice.open(file, { readOnly: true, readahead: false, blockingReads: () => { asked++; return sole; } });
+    // Blocking reads are fs.readSync calls on the device's descriptor (the module object itself, not a copy).
+    const nodeFs = require('fs') as typeof fs;
+    const readSync = nodeFs.readSync;
+    let blocking = 0;
+    nodeFs.readSync = ((fd: number, ...rest: unknown[]) => {
+      if (fd === dev.fd) blocking++;
+      return (readSync as (...a: unknown[]) => number)(fd, ...rest);
+    }) as typeof fs.readSync;
+    try {
+      // Filled before the promise is even awaited: the read blocked this thread.
+      const a = Buffer.alloc(4096);
+      const pa = dev.pread(a, 1 << 20);
+      expect(a.equals(data.subarray(1 << 20, (1 << 20) + 4096)), 'filled on the spot').to.equal(true);
+      expect(await pa).to.equal(4096);
+      expect([asked, blocking]).to.deep.equal([1, 1]);
+      // The owner has other work: the cold read completes asynchronously.
+      sole = false;
+      const b = Buffer.alloc(4096);
+      expect(await dev.pread(b, 2 << 20)).to.equal(4096);
+      expect(b.equals(data.subarray(2 << 20, (2 << 20) + 4096))).to.equal(true);
+      expect([asked, blocking]).to.deep.equal([2, 1]);
+      // Larger reads never block, whatever the owner says.
+      sole = true;
+      const c = Buffer.alloc(300000);
+      expect(await dev.pread(c, 3 << 20)).to.equal(c.length);
+      expect(c.equals(data.subarray(3 << 20, (3 << 20) + c.length))).to.equal(true);
+      expect(blocking).to.equal(1);
+      // A failing blocking read arrives as a rejected promise, as an asynchronous one does.
+      await dev.close();
+      const err = await dev.pread(Buffer.alloc(4096), 0).then(() => null, (e: unknown) => e);
+      expect(err).to.be.instanceOf(Error);
+      expect(blocking).to.equal(2);
+    } finally {
+      nodeFs.readSync = readSync;
+      await dev.close().catch(() => undefined);
+    }
+  });
+
   it('without readahead small reads bring in only their pages; readAhead() turns the kernel\'s readahead back on', async () => {
     const { file, data } = coldFile(4 << 20);
     const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
