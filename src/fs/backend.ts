@@ -22,6 +22,11 @@ export interface FileBackend {
   flush(): Promise<void>;
   /** Bytes really held on the host for this file (st_blocks * 512). */
   allocatedBytes(): Promise<number>;
+  /**
+   * True once the file has stopped serving its content for good (a partition
+   * whose table changed): the kernel's cached pages of it are then dropped.
+   */
+  readonly withdrawn?: boolean;
 }
 
 /** The active layer (or a snapshot view) of a qcow2 image as a file. */

@@ -49,6 +49,8 @@ interface Node {
   mtimeMs: number;
   ctimeMs: number;
   openCount: number;
+  /** Its cached pages were dropped for good (see FileBackend.withdrawn). */
+  dropped?: boolean;
 }
 
 export interface ImageFsOptions {
@@ -194,6 +196,7 @@ export class ImageFs implements FuseFilesystem {
       if (n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
       await n.file.backend.resize(ch.size);
       n.mtimeMs = n.ctimeMs = now;
+      await this.dropWithdrawn();
     }
     if (ch.mode !== undefined) {
       n.mode = S_IFREG | (ch.mode & 0o7777);
@@ -274,6 +277,7 @@ export class ImageFs implements FuseFilesystem {
    * a read through any of them that follows sees it.
    */
   private async invalidateAliases(n: Node, offset: number, length: number): Promise<void> {
+    await this.dropWithdrawn();
     const w = n.file.window;
     const invalidate = this.conn?.invalidate;
     if (w === undefined || invalidate === undefined || length <= 0) return;
@@ -286,6 +290,23 @@ export class ImageFs implements FuseFilesystem {
       const a = Math.max(from, v.start);
       const b = Math.min(to, v.start + m.file.backend.size());
       if (a < b) pending.push(invalidate(m.nodeid, a - v.start, b - a));
+    }
+    await Promise.all(pending);
+  }
+
+  /**
+   * Drop every cached page of the files that stopped serving their content
+   * (FileBackend.withdrawn), mapped pages too: a mapping made before then
+   * faults again, and fails as the file's reads do.
+   */
+  private async dropWithdrawn(): Promise<void> {
+    const invalidate = this.conn?.invalidate;
+    if (invalidate === undefined) return;
+    const pending: Promise<void>[] = [];
+    for (const m of this.nodes.values()) {
+      if (m.dropped || !m.file.backend.withdrawn) continue;
+      m.dropped = true;
+      pending.push(invalidate(m.nodeid, 0, 0));
     }
     await Promise.all(pending);
   }
@@ -350,6 +371,7 @@ export class ImageFs implements FuseFilesystem {
     } else if (!keepSize && end > b.size()) {
       // Plain allocation: the file grows; clusters are allocated when written.
       await b.resize(end);
+      await this.dropWithdrawn();
     }
     n.mtimeMs = n.ctimeMs = Date.now();
   }

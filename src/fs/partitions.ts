@@ -169,6 +169,7 @@ export class PartitionBackend implements FileBackend {
 
   get readOnly(): boolean { return this.disk.readOnly; }
   get readOnlyReason(): string | null { return this.disk.readOnlyReason; }
+  get withdrawn(): boolean { return this.watch.stale; }
   size(): number { return this.partition.length; }
 
   async read(buf: Buffer, offset: number): Promise<void> {

@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -107,6 +108,24 @@ describe('mount --partitions: each partition of the disk as its own file', funct
     } finally {
       fs.closeSync(fd);
     }
+  });
+
+  it('a shared mapping of a partition file stops showing it once the table changes (SIGBUS, as a read gets ESTALE)', () => {
+    mountPartitioned('map', '128M', 'label: gpt\n,32M\n,\n');
+    const p2 = path.join(mnt, 'map-p2.raw');
+    fs.writeFileSync(p2, Buffer.alloc(4096, 0x3c), { flag: 'r+' });
+    // Map the first page, read it, change the table through the disk file, read it again.
+    const script = [
+      'import mmap, os, subprocess, sys',
+      'fd = os.open(sys.argv[1], os.O_RDWR)',
+      'm = mmap.mmap(fd, 4096, mmap.MAP_SHARED)',
+      'print(m[0], flush=True)',
+      "subprocess.run(['sfdisk', '-q', '--no-reread', sys.argv[2]], input=b'label: gpt\\n,48M\\n,\\n', check=True)",
+      'print(m[0], flush=True)',
+    ].join('\n');
+    const r = spawnSync('python3', ['-c', script, p2, path.join(mnt, 'map.raw')], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.stdout.trim().split('\n'), r.stderr).to.deep.equal(['60']);
+    expect(r.signal, 'the second read of the mapping').to.equal('SIGBUS');
   });
 
   it('keeps the disk file and a partition file coherent: a write through one is what the other reads', () => {
