@@ -5,7 +5,7 @@
  * not the absolute numbers, on a shared machine.
  *
  *   npm run bench [-- --quick] [-- --runs N] [-- --size-gib N] [-- --out FILE]
- *                 [-- --only seqread,randread,seqwrite,randwrite,sparse,compressed,ext4,memory]
+ *                 [-- --only seqread,randread,seqwrite,ddwrite,randwrite,sparse,compressed,ext4,memory]
  *
  * --only runs just the named workloads (a partial run is printed, never
  * written to RESULTS.md).
@@ -23,7 +23,7 @@ const BIN = path.join(ROOT, 'bin/qcowfs');
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
-const WORKLOADS = ['seqread', 'randread', 'seqwrite', 'randwrite', 'sparse', 'compressed', 'ext4', 'memory'] as const;
+const WORKLOADS = ['seqread', 'randread', 'seqwrite', 'ddwrite', 'randwrite', 'sparse', 'compressed', 'ext4', 'memory'] as const;
 type Workload = (typeof WORKLOADS)[number];
 
 interface Args { quick: boolean; runs: number; sizeGiB: number; out: string; seconds: number; only: Set<Workload> | null }
@@ -244,6 +244,13 @@ function main(): void {
     };
     const res3: Record<string, number[]> = { qcowfs: [], qemu: [] };
     const res4: Record<string, number[]> = { qcowfs: [], qemu: [] };
+    const res3dd: Record<string, number[]> = { qcowfs: [], qemu: [] };
+    // dd's source: random bytes, read once so that the page cache serves them to every run.
+    const ddSource = path.join(work, 'dd-source.bin');
+    if (want('ddwrite')) {
+      sh('fio', ['--name=src', `--filename=${ddSource}`, `--size=${writeSize}`, '--rw=write', '--bs=1M', '--refill_buffers=1', '--output=/dev/null']);
+      sh('dd', [`if=${ddSource}`, 'of=/dev/null', 'bs=1M', 'status=none']);
+    }
     const once = (kind: 'qcowfs' | 'qemu', run: (s: Served) => void): void => {
       const s = serve(kind, fresh());
       try {
@@ -259,14 +266,21 @@ function main(): void {
           res3[kind].push(writeSize / t / 1e6);
           peak[`seqwrite-${kind}`] = Math.max(peak[`seqwrite-${kind}`] ?? 0, peakRssMiB(s.pid));
         });
+        // The same write as a user copies an image in: dd opens the file write-only.
+        if (want('ddwrite')) once(kind, (s) => {
+          const t = seconds(() => sh('dd', [`if=${ddSource}`, `of=${s.file}`, 'bs=1M', 'conv=notrunc,fsync', 'status=none']));
+          res3dd[kind].push(writeSize / t / 1e6);
+        });
         if (want('randwrite')) once(kind, (s) => {
           res4[kind].push(fio(s.file, ['--rw=randwrite', '--bs=4k', '--ioengine=psync', `--size=${Math.min(256 * MiB, size)}`, '--time_based', `--runtime=${a.seconds}`, '--end_fsync=1']).iops);
         });
       }
     }
     if (want('seqwrite')) rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true, runs: res3 });
+    if (want('ddwrite')) rows.push({ name: `dd ${writeSize / MiB} MiB into a fresh image, conv=fsync (write-only open)`, unit: 'MB/s', qcowfs: median(res3dd.qcowfs), qemu: median(res3dd.qemu), higherIsBetter: true, runs: res3dd });
     if (want('randwrite')) rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true, runs: res4 });
-    log(`writes: ${JSON.stringify({ res3, res4 })}`);
+    log(`writes: ${JSON.stringify({ res3, res3dd, res4 })}`);
+    fs.rmSync(ddSource, { force: true });
     // 5. cp --sparse=always of a 64 GiB image holding 256 MiB of data.
     if (want('sparse')) {
       const sparse = path.join(work, 'sparse.qcow2');

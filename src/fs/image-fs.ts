@@ -19,6 +19,7 @@ const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
 const O_ACCMODE = 3;
 const O_RDONLY = 0;
+const O_WRONLY = 1;
 /** Attributes change only through us, so the kernel may cache them a while. */
 const ATTR_TIMEOUT_MS = 1000;
 
@@ -241,6 +242,11 @@ export class ImageFs implements FuseFilesystem {
     if ((flags & O_ACCMODE) !== O_RDONLY && n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
     n.openCount++;
     if (n.file.directIo) return { fh: this.nextFh++, directIo: true };
+    // A write-only open never reads what it caches: its writes go past the kernel's page
+    // cache, without the copy into fresh pages there (a 1 GiB dd into a new image, interleaved
+    // runs: 1.5-1.9 s against 2.0-5.1 s). Only where the kernel keeps the pages other opens
+    // cached or mapped coherent with direct writes.
+    if ((flags & O_ACCMODE) === O_WRONLY && this.conn?.directIoAllowMmap) return { fh: this.nextFh++, directIo: true };
     return { fh: this.nextFh++, keepCache: true };
   }
 

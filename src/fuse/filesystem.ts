@@ -116,6 +116,12 @@ export interface ConnectionInfo {
   supportsLseek: boolean;
   supportsFallocate: boolean;
   /**
+   * FUSE_DIRECT_IO_ALLOW_MMAP was agreed (7.39, Linux 6.6+): besides shared
+   * mmap of FOPEN_DIRECT_IO files, the kernel then writes back and drops the
+   * cached and mapped pages a direct write covers, whichever open cached them.
+   */
+  directIoAllowMmap: boolean;
+  /**
    * Drop the kernel's cached pages of [offset, offset+length) of a file
    * (length 0: to its end), for data that changed behind the kernel's back.
    * Resolves once the kernel has done so; absent where the transport cannot.

@@ -474,6 +474,7 @@ export async function mountLibfuse(filesystem: FuseFilesystem, opts: LibfuseMoun
     maxRead: requestBytes,
     supportsLseek: false,
     supportsFallocate: false,
+    directIoAllowMmap: false,
   };
 
   const ops: Record<string, unknown> = {

@@ -685,6 +685,7 @@ export class FuseSession {
       maxRead: Math.min(effectiveMax, this.opts.maxReadBytes ?? effectiveMax),
       supportsLseek: minor >= 24,
       supportsFallocate: minor >= 19,
+      directIoAllowMmap: (flags2 & FUSE_DIRECT_IO_ALLOW_MMAP) !== 0,
       invalidate: minor >= 12 ? (nodeid, offset, length) => this.notifyInvalInode(nodeid, offset, length) : undefined,
       // Only poll mode reads the device until it is empty, and so knows.
       soleRequest: this.native !== null ? () => this.drained && this.pending.size <= 1 : undefined,
