@@ -84,6 +84,16 @@ function isMounted(p: string): boolean {
   return fs.readFileSync('/proc/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === p);
 }
 
+/** Whether process pid still runs (an exited child waiting to be reaped does not). */
+function running(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
 /** A served view of an image: the file to use and how to stop it. */
 interface Served { file: string; pid: number; stop(): void }
 
@@ -120,6 +130,9 @@ function serveQemu(image: string, dir: string): Served {
       child.kill('SIGTERM');
       for (let i = 0; i < 200 && isMounted(file); i++) sleep(50);
       if (isMounted(file)) sh('umount', ['-l', file], { allowFail: true });
+      // The export goes before the process does: until it has exited it holds the image's
+      // lock, and the next server of that image would fail to take it.
+      for (let i = 0; i < 200 && running(child.pid!); i++) sleep(50);
       fs.rmSync(path.dirname(file), { recursive: true, force: true });
     },
   };
