@@ -238,7 +238,7 @@ function main(): void {
       return size / t / 1e6;
     };
     if (want('seqread')) measure('sequential read 1M (cold)', 'MB/s', true, true, seqRead([]));
-    // The same with `mount --direct-io`, QEMU's own choice for its export (no kernel page cache).
+    // The same with `mount --direct-io` (no kernel page cache above the daemon).
     if (want('seqread')) measure('sequential read 1M (cold), qcowfs --direct-io', 'MB/s', true, true, seqRead([]), full, ['--direct-io']);
     // The same read with O_DIRECT (the issue's other way to a cold cache): no server fills a
     // page cache, and every reader's data lands in dd's one reused buffer.
@@ -315,7 +315,7 @@ function main(): void {
         return t;
       };
       measure('cp --sparse=always, 64 GiB with 256 MiB data', 's', false, false, copy, sparse);
-      // QEMU's export opens its file with direct I/O (no kernel page cache): the same choice for both.
+      // The same copy with no kernel page cache above qcowfs (QEMU's export keeps its cache).
       measure('cp --sparse=always, 64 GiB with 256 MiB data, qcowfs --direct-io', 's', false, false, copy, sparse, ['--direct-io']);
     }
     // 6. Sequential read of a compressed image.

@@ -15,11 +15,9 @@
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
- *   adviseRandom(fd, random)                 -> posix_fadvise(POSIX_FADV_RANDOM, or _NORMAL): 0 or an errno
+ *   dropCached(fd, pos, len)                 -> posix_fadvise(POSIX_FADV_DONTNEED) of the range: 0 or an errno
  *   cacheStat(fd, pos, len, out)             -> 0 or -errno; out[0] = bytes of the range in the page
  *                                               cache, out[1] = bytes dirty or under writeback (cachestat)
- *   alignedBuffer(size)                      -> a Buffer whose memory starts on a page boundary
- *   addressMod(buf, align)                   -> the buffer's address modulo align
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
  *   pollStart(h) / pollStop(h) / pollClose(h)
  *
@@ -282,55 +280,15 @@ static napi_value CacheStat(napi_env env, napi_callback_info info) {
   return native_number(env, 0);
 }
 
-static napi_value AdviseRandom(napi_env env, napi_callback_info info) {
+static napi_value DropCached(napi_env env, napi_callback_info info) {
   args_t a;
-  int64_t fd;
-  bool random;
-  if (get_args(env, info, &a, 2) || get_int(env, a.argv[0], &fd) || napi_get_value_bool(env, a.argv[1], &random) != napi_ok) {
-    napi_throw_type_error(env, NULL, "adviseRandom(fd, random)");
+  int64_t fd, pos, len;
+  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], &fd) || get_int(env, a.argv[1], &pos) ||
+      get_int(env, a.argv[2], &len) || pos < 0 || len < 0) {
+    napi_throw_type_error(env, NULL, "dropCached(fd, position, length)");
     return NULL;
   }
-  return native_number(env, posix_fadvise((int)fd, 0, 0, random ? POSIX_FADV_RANDOM : POSIX_FADV_NORMAL));
-}
-
-static void free_aligned(napi_env env, void *data, void *hint) {
-  (void)env;
-  (void)hint;
-  free(data);
-}
-
-static napi_value AlignedBuffer(napi_env env, napi_callback_info info) {
-  args_t a;
-  int64_t size;
-  void *p;
-  napi_value out;
-  if (get_args(env, info, &a, 1) || get_int(env, a.argv[0], &size) || size <= 0) {
-    napi_throw_type_error(env, NULL, "alignedBuffer(size)");
-    return NULL;
-  }
-  if (posix_memalign(&p, (size_t)sysconf(_SC_PAGESIZE), (size_t)size) != 0) {
-    napi_throw_error(env, "ENOMEM", "out of memory");
-    return NULL;
-  }
-  if (napi_create_external_buffer(env, (size_t)size, p, free_aligned, NULL, &out) != napi_ok) {
-    free(p);
-    napi_throw_error(env, NULL, "alignedBuffer: no external buffers here");
-    return NULL;
-  }
-  return out;
-}
-
-static napi_value AddressMod(napi_env env, napi_callback_info info) {
-  args_t a;
-  int64_t align;
-  char *data;
-  size_t len;
-  if (get_args(env, info, &a, 2) || get_buffer(env, a.argv[0], &data, &len) || get_int(env, a.argv[1], &align) ||
-      align <= 0) {
-    napi_throw_type_error(env, NULL, "addressMod(buffer, align)");
-    return NULL;
-  }
-  return native_number(env, (int64_t)((uintptr_t)data % (uintptr_t)align));
+  return native_number(env, posix_fadvise((int)fd, (off_t)pos, (off_t)len, POSIX_FADV_DONTNEED));
 }
 
 void register_fast_io(napi_env env, napi_value exports) {
@@ -339,9 +297,7 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "preadNowait", PreadNowait);
   native_export(env, exports, "seekData", SeekData);
   native_export(env, exports, "cacheStat", CacheStat);
-  native_export(env, exports, "adviseRandom", AdviseRandom);
-  native_export(env, exports, "alignedBuffer", AlignedBuffer);
-  native_export(env, exports, "addressMod", AddressMod);
+  native_export(env, exports, "dropCached", DropCached);
   native_export(env, exports, "pollCreate", PollCreate);
   native_export(env, exports, "pollStart", PollStart);
   native_export(env, exports, "pollStop", PollStop);

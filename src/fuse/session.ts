@@ -747,14 +747,9 @@ export class FuseSession {
     if (this.debug) this.debugPending(p, result);
   }
 
-  /**
-   * A READ reply buffer of max_write bytes, page-aligned where the native
-   * module can allocate it so: a filesystem may then read into it with
-   * O_DIRECT (the kernel's DMA straight into the reply).
-   */
+  /** A READ reply buffer of max_write bytes. */
   private newReplyBuffer(): Buffer {
-    const native = loadNative();
-    return native !== null ? native.alignedBuffer(this.maxWrite) : Buffer.allocUnsafe(this.maxWrite);
+    return Buffer.allocUnsafe(this.maxWrite);
   }
 
   private sendRead(p: Pending, data: Buffer): void {

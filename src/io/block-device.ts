@@ -63,13 +63,11 @@ export interface FileBacked {
   /** The descriptor; it stays open until close(). */
   readonly fd: number;
   /**
-   * True when the device reads this range past the host page cache (it is
-   * cold and large): a transport should then ask for a read rather than
-   * splice the range, which would fill the cache for nothing.
+   * A transport is about to read (splice) this range of the file itself,
+   * past the device: the device learns of the read as of its own (it may
+   * follow sequential streams; FileDevice drop-behind).
    */
-  readsPastCache?(position: number, length: number): boolean;
-  /** Turn the kernel's readahead back on where it was off (small sequential reads ahead). */
-  readAhead?(): void;
+  reading?(position: number, length: number): void;
 }
 
 export function hasFileDescriptor(dev: BlockDevice): dev is BlockDevice & FileBacked {

@@ -25,12 +25,8 @@ export interface NativeModule {
    * out[0] = bytes of it in the page cache, out[1] = bytes dirty or under writeback.
    */
   cacheStat(fd: number, position: number, length: number, out: Float64Array): number;
-  /** posix_fadvise on the whole file: RANDOM (nothing read ahead through this descriptor) or back to NORMAL. 0 or an errno. */
-  adviseRandom(fd: number, random: boolean): number;
-  /** A buffer whose memory starts on a page boundary (for O_DIRECT). */
-  alignedBuffer(size: number): Buffer;
-  /** The buffer's memory address modulo `align`. */
-  addressMod(buf: Buffer, align: number): number;
+  /** posix_fadvise(POSIX_FADV_DONTNEED) of a range: its clean pages leave the page cache. 0 or an errno. */
+  dropCached(fd: number, position: number, length: number): number;
   /** An io_uring whose completions call `callback(id, bytes or -errno)` on the event loop; -errno if none. */
   uringCreate(entries: number, callback: (id: number, result: number) => void): UringHandle | number;
   /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */

@@ -66,13 +66,12 @@ export interface OpenOptions {
   /** Take QEMU's image locks on the files opened (default true). */
   lock?: boolean;
   /**
-   * Let the host kernel read ahead in the files opened (default true). A
-   * caller whose large reads come in large requests anyway (a FUSE mount
-   * through the kernel's page cache, which reads ahead itself) turns it
-   * off: large reads of data the host does not cache then go past the host
-   * cache, and readahead would only fill it ahead of them.
+   * Drop what sequential large reads of the files opened have read from the
+   * host page cache (FileDevice `dropBehind`), for a caller that caches what
+   * it reads itself (a FUSE mount through the kernel's page cache). Default
+   * false: the host cache keeps what was read.
    */
-  hostReadahead?: boolean;
+  dropBehind?: boolean;
   /**
    * Asked before a small read the page cache may not serve: when it returns
    * true, the read is made on the spot, blocking the calling thread, rather
@@ -124,7 +123,7 @@ async function readHeaderCluster(dev: BlockDevice): Promise<Buffer> {
 async function openFileDevice(file: string, readOnly: boolean, opts: OpenOptions): Promise<BlockDevice> {
   try {
     return await FileDevice.open(file, {
-      readOnly, lock: opts.lock !== false, readahead: opts.hostReadahead !== false, blockingReads: opts.blockingReads,
+      readOnly, lock: opts.lock !== false, dropBehind: opts.dropBehind === true, blockingReads: opts.blockingReads,
     });
   } catch (err) {
     if (err instanceof LockConflictError) throw new ImageLockedError(err.file, err.reason);
@@ -155,8 +154,6 @@ export class Qcow2Image implements Layer {
   private readonly lock = new RwLock();
   private pendingFrees: number[] = [];
   private readonly compressedCache = new Map<number, Promise<Buffer>>();
-  /** A compressed cluster was read: the image file reads ahead again (decompress). */
-  private readAheadOn = false;
   private readOnlyReason: string | null;
   private closed = false;
   private dirtyBitSet = false;
@@ -636,8 +633,8 @@ export class Qcow2Image implements Layer {
         }
         done += run.length;
       }
-      // Cold data is read past the host cache (FileDevice); splicing it would fill that cache.
-      if (data.readsPastCache && slices.some((s) => s.fd === data.fd && data.readsPastCache!(s.position, s.length))) return null;
+      // The device follows reads of its file for drop-behind, spliced ones too.
+      if (data.reading) for (const s of slices) if (s.fd === data.fd) data.reading(s.position, s.length);
       lent = true;
       return { slices, release };
     } catch (err) {
@@ -741,12 +738,6 @@ export class Qcow2Image implements Layer {
   }
 
   private async decompress(d: { hostOffset: number; compressedSize: number }, into?: Buffer): Promise<Buffer> {
-    // Compressed clusters lie packed one after another and are read in small pieces:
-    // the host's readahead (off where large reads go past its cache) serves them.
-    if (!this.readAheadOn) {
-      this.readAheadOn = true;
-      if (hasFileDescriptor(this.dev)) this.dev.readAhead?.();
-    }
     // Compressed clusters always live in the image file, never in an external data file.
     const raw = Buffer.allocUnsafe(d.compressedSize);
     await readFull(this.dev, raw, d.hostOffset);

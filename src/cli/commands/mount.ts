@@ -145,12 +145,12 @@ async function openImages(pl: MountPlan, blockingReads: (() => boolean) | undefi
   const out: Qcow2Image[] = [];
   try {
     for (const file of pl.images) {
-      // Through the kernel's page cache, reads arrive large (FUSE reads ahead itself): no readahead
-      // on the image, and large reads of data the host does not cache go past its cache. With
-      // --direct-io, reads come at the program's size, and the image's readahead serves the small ones.
+      // Through the kernel's page cache, the mount keeps what it serves in the raw file's pages:
+      // what sequential reads have read of the image leaves the host's cache behind them. With
+      // --direct-io, the host's cache is the only one, and keeps what was read.
       const opts = {
         readOnly: pl.readOnly, snapshot: pl.snapshot, l2CacheBytes: pl.l2CacheBytes, refcountCacheBytes: pl.refcountCacheBytes,
-        hostReadahead: pl.directIo, blockingReads,
+        dropBehind: !pl.directIo, blockingReads,
       };
       let img: Qcow2Image;
       try {

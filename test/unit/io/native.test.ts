@@ -276,17 +276,16 @@ describe('FileDevice', () => {
   });
 });
 
-describe('FileDevice: cold large reads past the page cache', () => {
+describe('FileDevice: drop-behind and blocking reads', () => {
   let dir: string;
   let native: NativeModule;
   before(function () {
     native = loadNative()!;
     expect(native, 'the native module').to.not.equal(null);
-    expect(uringReader(), 'io_uring').to.not.equal(null);
   });
   beforeEach(() => {
-    // /var/tmp: a disk file system (O_DIRECT), where /tmp may be tmpfs.
-    dir = fs.mkdtempSync(path.join('/var/tmp', 'qcowfs-direct-'));
+    // /var/tmp: a disk file system, whose clean pages can be dropped (tmpfs pages cannot).
+    dir = fs.mkdtempSync(path.join('/var/tmp', 'qcowfs-cache-'));
   });
   afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
 
@@ -313,92 +312,100 @@ describe('FileDevice: cold large reads past the page cache', () => {
     return { file, data };
   }
 
-  it('reads a cold range with O_DIRECT into an aligned buffer, leaving the cache empty; other reads use the cache', async () => {
-    const { file, data } = coldFile(4 << 20);
-    const usual = await FileDevice.open(file, { readOnly: true });
+  const MiB = 1 << 20;
+
+  /** Read [from, to) in `piece`-byte reads, checking every byte. */
+  async function stream(dev: FileDevice, data: Buffer, from: number, to: number, piece = 512 << 10): Promise<void> {
+    const buf = Buffer.alloc(piece);
+    for (let at = from; at < to; at += piece) {
+      expect(await dev.pread(buf, at)).to.equal(piece);
+      expect(buf.equals(data.subarray(at, at + piece)), `bytes at ${at}`).to.equal(true);
+    }
+  }
+
+  it('dropBehind: a sequential stream of large reads leaves only its last few MiB in the cache; without it, all stays', async () => {
+    const { file, data } = coldFile(32 * MiB);
+    const dev = await FileDevice.open(file, { readOnly: true, dropBehind: true });
     try {
-      expect(usual.readsPastCache(1 << 20, 1 << 20), 'with readahead (the default), every read goes through the cache').to.equal(false);
+      await stream(dev, data, 0, 32 * MiB);
+      // What lies more than 4 MiB behind the last read has gone, in whole 2 MiB units.
+      expect(cached(dev.fd, 0, 32 * MiB), 'cached after the stream').to.be.at.most(6 * MiB);
+      expect(cached(dev.fd, 0, 26 * MiB), 'cached well behind its end').to.equal(0);
+    } finally {
+      await dev.close();
+    }
+    const { file: file2, data: data2 } = coldFile(32 * MiB);
+    const usual = await FileDevice.open(file2, { readOnly: true });
+    try {
+      await stream(usual, data2, 0, 32 * MiB);
+      expect(cached(usual.fd, 0, 32 * MiB)).to.equal(32 * MiB);
     } finally {
       await usual.close();
     }
-    const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
+  });
+
+  it('dropBehind: a stream of small reads drops behind itself too; one that begins on cached data (warm) drops nothing', async () => {
+    const small = coldFile(16 * MiB);
+    const dev = await FileDevice.open(small.file, { readOnly: true, dropBehind: true });
     try {
-      expect(dev.readsPastCache(1 << 20, 1 << 20)).to.equal(true);
-      expect(dev.readsPastCache(1 << 20, 64 << 10), 'too small').to.equal(false);
-      expect(dev.readsPastCache((1 << 20) + 512, 1 << 20), 'unaligned').to.equal(false);
-      const aligned = native.alignedBuffer(1 << 20);
-      expect(await dev.pread(aligned, 1 << 20)).to.equal(1 << 20);
-      expect(aligned.equals(data.subarray(1 << 20, 2 << 20))).to.equal(true);
-      expect(cached(dev.fd, 0, 4 << 20), 'nothing came into the cache').to.equal(0);
-      // An ordinary (unaligned) buffer: read direct through an aligned one.
-      const plain = Buffer.alloc(1 << 20);
-      expect(native.addressMod(plain, 4096)).to.not.equal(0);
-      expect(await dev.pread(plain, 3 << 20)).to.equal(1 << 20);
-      expect(plain.equals(data.subarray(3 << 20, 4 << 20))).to.equal(true);
-      expect(cached(dev.fd, 0, 4 << 20), 'still nothing in the cache').to.equal(0);
-      // Small reads go through the cache.
-      const small = Buffer.alloc(64 << 10);
-      for (let at = 2 << 20; at < 3 << 20; at += small.length) {
-        expect(await dev.pread(small, at)).to.equal(small.length);
-        expect(small.equals(data.subarray(at, at + small.length))).to.equal(true);
+      await stream(dev, small.data, 0, 16 * MiB, 64 << 10);
+      expect(cached(dev.fd, 0, 10 * MiB), 'behind a stream of small reads').to.equal(0);
+    } finally {
+      await dev.close();
+    }
+    const warm = coldFile(16 * MiB);
+    fs.readFileSync(warm.file); // another user reads it into the cache
+    const dev2 = await FileDevice.open(warm.file, { readOnly: true, dropBehind: true });
+    try {
+      await stream(dev2, warm.data, 0, 16 * MiB);
+      expect(cached(dev2.fd, 0, 16 * MiB), 'a warm stream').to.equal(16 * MiB);
+    } finally {
+      await dev2.close();
+    }
+  });
+
+  it('dropBehind: two streams read in turns, as two readers would, each drop behind themselves', async () => {
+    const { file, data } = coldFile(64 * MiB);
+    const dev = await FileDevice.open(file, { readOnly: true, dropBehind: true });
+    try {
+      // Far enough apart that the kernel's readahead for one does not reach the other.
+      const buf = Buffer.alloc(512 << 10);
+      for (let at = 0; at < 12 * MiB; at += buf.length) {
+        for (const base of [0, 32 * MiB]) {
+          expect(await dev.pread(buf, base + at)).to.equal(buf.length);
+          expect(buf.equals(data.subarray(base + at, base + at + buf.length))).to.equal(true);
+        }
       }
-      expect(cached(dev.fd, 2 << 20, 1 << 20)).to.equal(1 << 20);
-      // Once all of it is cached, a range is read through the cache; half of it is not enough.
-      expect(dev.readsPastCache(2 << 20, 1 << 20)).to.equal(false);
-      expect(dev.readsPastCache((1 << 20) + (512 << 10), 1 << 20)).to.equal(true);
-      // A direct read that runs past the end reads again through the cache, short.
-      const tail = native.alignedBuffer(1 << 20);
-      expect(await dev.pread(tail, (4 << 20) - (256 << 10))).to.equal(256 << 10);
-      expect(tail.subarray(0, 256 << 10).equals(data.subarray((4 << 20) - (256 << 10)))).to.equal(true);
-      const tail2 = Buffer.alloc(1 << 20);
-      expect(await dev.pread(tail2, (4 << 20) - (512 << 10))).to.equal(512 << 10);
-      expect(tail2.subarray(0, 512 << 10).equals(data.subarray((4 << 20) - (512 << 10)))).to.equal(true);
+      expect(cached(dev.fd, 0, 6 * MiB), 'behind the first stream').to.equal(0);
+      expect(cached(dev.fd, 32 * MiB, 6 * MiB), 'behind the second').to.equal(0);
     } finally {
       await dev.close();
     }
   });
 
-  it('a range with a write not yet on disk is read through the cache, and shows the write', async () => {
-    const { file, data } = coldFile(2 << 20);
-    const dev = await FileDevice.open(file, { readahead: false });
+  it('dropBehind: a stream over writes not yet synced reads them, and they still reach the disk', async () => {
+    const { file, data } = coldFile(16 * MiB);
+    const dev = await FileDevice.open(file, { dropBehind: true });
     try {
-      const patch = randomBytes(4096);
-      await dev.pwrite(patch, (1 << 20) + 8192);
-      patch.copy(data, (1 << 20) + 8192);
-      expect(dev.readsPastCache(1 << 20, 1 << 20)).to.equal(false);
-      const buf = native.alignedBuffer(1 << 20);
-      expect(await dev.pread(buf, 1 << 20)).to.equal(1 << 20);
-      expect(buf.equals(data.subarray(1 << 20))).to.equal(true);
+      for (const at of [MiB, 7 * MiB + 4096, 12 * MiB]) {
+        const patch = randomBytes(256 << 10);
+        await dev.pwrite(patch, at);
+        patch.copy(data, at);
+      }
+      await stream(dev, data, 0, 16 * MiB);
+      await dev.flush();
     } finally {
       await dev.close();
     }
-  });
-
-  it('where the file system has no O_DIRECT (tmpfs), reads go through the cache', async () => {
-    const shm = fs.mkdtempSync('/dev/shm/qcowfs-direct-');
-    try {
-      const file = path.join(shm, 'img');
-      const data = randomBytes(1 << 20);
-      fs.writeFileSync(file, data);
-      const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
-      try {
-        expect(dev.readsPastCache(0, 1 << 20)).to.equal(false);
-        const buf = native.alignedBuffer(1 << 20);
-        expect(await dev.pread(buf, 0)).to.equal(1 << 20);
-        expect(buf.equals(data)).to.equal(true);
-      } finally {
-        await dev.close();
-      }
-    } finally {
-      fs.rmSync(shm, { recursive: true, force: true });
-    }
+    execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0'], { stdio: 'ignore' });
+    expect(fs.readFileSync(file).equals(data), 'the file after the stream and a flush').to.equal(true);
   });
 
   it('blockingReads: a small read is made on the spot while the owner says so, else it completes later', async () => {
     const { file, data } = coldFile(4 << 20);
     let sole = true;
     let asked = 0;
-    const dev = await FileDevice.open(file, { readOnly: true, readahead: false, blockingReads: () => { asked++; return sole; } });
+    const dev = await FileDevice.open(file, { readOnly: true, blockingReads: () => { asked++; return sole; } });
     // Blocking reads are fs.readSync calls on the device's descriptor (the module object itself, not a copy).
     const nodeFs = require('fs') as typeof fs;
     const readSync = nodeFs.readSync;
@@ -434,28 +441,6 @@ describe('FileDevice: cold large reads past the page cache', () => {
     } finally {
       nodeFs.readSync = readSync;
       await dev.close().catch(() => undefined);
-    }
-  });
-
-  it('without readahead small reads bring in only their pages; readAhead() turns the kernel\'s readahead back on', async () => {
-    const { file, data } = coldFile(4 << 20);
-    const dev = await FileDevice.open(file, { readOnly: true, readahead: false });
-    // Two small reads one after the other: the kernel reads ahead of the second, if it may.
-    const twoReads = async (at: number): Promise<void> => {
-      const small = Buffer.alloc(4096);
-      for (const pos of [at, at + 4096]) {
-        expect(await dev.pread(small, pos)).to.equal(4096);
-        expect(small.equals(data.subarray(pos, pos + 4096))).to.equal(true);
-      }
-    };
-    try {
-      await twoReads(1 << 20);
-      expect(cached(dev.fd, 0, 4 << 20), 'only the pages read').to.equal(8192);
-      dev.readAhead();
-      await twoReads(3 << 20);
-      expect(cached(dev.fd, 3 << 20, 1 << 20), 'the pages read and the kernel\'s readahead after them').to.be.above(8192);
-    } finally {
-      await dev.close();
     }
   });
 });
