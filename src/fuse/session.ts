@@ -55,6 +55,7 @@ import {
   FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
   FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, opcodeName, OPCODES,
 } from './abi';
+import { IdlePoll, IDLE_POLL_MAX_US } from './idle-poll';
 import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest } from './decode';
 import {
   encodeAttr, encodeDirents, encodeEmpty, encodeEntry, encodeError, encodeInit, encodeLseek,
@@ -121,6 +122,12 @@ export interface KernelSessionOptions extends MountOptions {
   spliceReads?: boolean;
   /** The max_read the mount was given, when below max_write (see readRequestMax). */
   maxReadBytes?: number;
+  /**
+   * Poll mode: longest time (µs) the event loop keeps polling the device,
+   * without sleeping, once the last request has been answered (default
+   * IDLE_POLL_MAX_US; 0 = never). The window adapts, see IdlePoll.
+   */
+  idlePollUs?: number;
 }
 
 /**
@@ -255,6 +262,7 @@ export class FuseSession {
   private pollParked = false;
   /** Poll mode: the last read of the device found it empty (EAGAIN). */
   private drained = false;
+  private idlePoll: IdlePoll | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
   private conn: ConnectionInfo | undefined;
   /** Where READ replies are spliced from (native module), or null. */
@@ -320,6 +328,8 @@ export class FuseSession {
       this.activeReaders = 1;
       this.poll = native.pollCreate(this.fd, () => this.onReadable());
       native.pollStart(this.poll);
+      const us = this.opts.idlePollUs ?? IDLE_POLL_MAX_US;
+      if (us > 0) this.idlePoll = new IdlePoll(us / 1000);
       return;
     }
     for (let i = 0; i < this.readers; i++) {
@@ -410,6 +420,7 @@ export class FuseSession {
         this.stopPolling();
         return;
       }
+      if (this.pending.size === 0) this.idlePoll?.arrived();
       try {
         this.handle(buf, n);
       } catch (e) {
@@ -420,6 +431,7 @@ export class FuseSession {
 
   private stopPolling(): void {
     this.stopping = true;
+    this.idlePoll?.stop();
     if (this.poll !== undefined) {
       this.native!.pollClose(this.poll);
       this.poll = undefined;
@@ -508,6 +520,7 @@ export class FuseSession {
       this.replyError(p, E.EIO);
     }
     this.pending.delete(p.unique);
+    if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(p.started);
     this.unpark();
   }
 

@@ -14,6 +14,7 @@ import { errnoOf } from '../../fs/errno';
 import { FuseMount, MountOptions } from '../../fuse/filesystem';
 import { mountKernel, canMountKernel } from '../../fuse/mount';
 import { ensureThreadpool } from '../../fuse/session';
+import { IDLE_POLL_MAX_US } from '../../fuse/idle-poll';
 import { FuseFilesystem } from '../../fuse/filesystem';
 import { writeRecord, removeRecord, logPath, ensureStateDir, readRecord, processAlive } from '../state';
 
@@ -27,8 +28,9 @@ const options: OptionSpec[] = [
   { name: 'transport', value: true, meta: 'kernel|libfuse', help: 'kernel: the FUSE protocol over /dev/fuse (needs root); libfuse: through fusermount (unprivileged). Default: kernel when allowed' },
   { name: 'l2-cache', value: true, meta: 'SIZE', help: 'bytes of L2 tables cached per image (default 32M)' },
   { name: 'refcount-cache', value: true, meta: 'SIZE', help: 'bytes of refcount blocks cached per image (default 4M)' },
-  { name: 'direct-io', help: 'bypass the kernel page cache, as QEMU\'s FUSE export does: faster big sequential transfers, far slower small reads; shared mmap needs Linux 6.6+ (kernel transport only)' },
+  { name: 'direct-io', help: 'bypass the kernel page cache: faster big sequential transfers, far slower small reads; shared mmap needs Linux 6.6+ (kernel transport only)' },
   { name: 'max-request', value: true, meta: 'SIZE', help: 'largest read/write request to negotiate (default 1M)' },
+  { name: 'idle-poll', value: true, meta: 'USEC', help: 'once every request is answered, keep polling for the next for up to USEC microseconds, adapting to the gaps seen (default 100; 0: sleep at once; kernel transport only)' },
   { name: 'debug', short: 'd', help: 'print one line per FUSE request to stderr (implies --foreground)' },
   { name: 'ready-fd', value: true, meta: 'FD', help: '(internal) report readiness on this descriptor' },
   { name: 'help', short: 'h', help: 'show this help' },
@@ -76,6 +78,7 @@ interface MountPlan {
   snapshots: boolean;
   partitions: boolean;
   directIo: boolean;
+  idlePollUs: number;
 }
 
 function sizeOption(p: Parsed, name: string): number | undefined {
@@ -123,6 +126,8 @@ function plan(p: Parsed): MountPlan {
   const transport = (t as 'kernel' | 'libfuse' | undefined) ?? (canMountKernel() ? 'kernel' : 'libfuse');
   if (flag(p, 'direct-io') && transport === 'libfuse') throw new UsageError('--direct-io needs the kernel transport (libfuse 2 cannot set it per file)');
   const snapshot = value(p, 'snapshot');
+  const idlePoll = value(p, 'idle-poll');
+  if (idlePoll !== undefined && !/^\d{1,7}$/.test(idlePoll)) throw new UsageError(`--idle-poll: invalid number of microseconds '${idlePoll}'`);
   return {
     images,
     mountpoint,
@@ -138,6 +143,7 @@ function plan(p: Parsed): MountPlan {
     snapshots: flag(p, 'snapshots'),
     partitions: flag(p, 'partitions'),
     directIo: flag(p, 'direct-io'),
+    idlePollUs: idlePoll === undefined ? IDLE_POLL_MAX_US : Number(idlePoll),
   };
 }
 
@@ -242,7 +248,7 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     uid: process.getuid?.() ?? 0,
     gid: process.getgid?.() ?? 0,
   });
-  const mountOpts: MountOptions & { requestTimeoutMs: number; readers: number } = {
+  const mountOpts: MountOptions & { requestTimeoutMs: number; readers: number; idlePollUs: number } = {
     mountpoint: pl.mountpoint,
     rootIsFile: pl.rootIsFile,
     readOnly: pl.readOnly,
@@ -257,6 +263,7 @@ async function serve(pl: MountPlan, readyFd: number | null): Promise<number> {
     requestTimeoutMs: 0,
     // Device reads kept waiting for requests: 4 measured best for queued random I/O here.
     readers: 4,
+    idlePollUs: pl.idlePollUs,
   };
   let mount: FuseMount;
   try {

@@ -1,0 +1,120 @@
+/**
+ * IdlePoll's window on a fake clock and a hand-run immediate queue.
+ */
+import { expect } from 'chai';
+import { IdlePoll } from '../../../src/fuse/idle-poll';
+
+function harness(maxMs: number): { poll: IdlePoll; t: () => number; advance: (ms: number) => void; turns: () => number; queued: () => number } {
+  let t = 0;
+  let queue: Array<() => void> = [];
+  let turns = 0;
+  const poll = new IdlePoll(maxMs, () => t, (f) => queue.push(f));
+  return {
+    poll,
+    t: () => t,
+    // Let `ms` pass with the loop turning every 0.001 ms while anything is queued.
+    advance: (ms: number) => {
+      const end = t + ms;
+      while (t < end) {
+        if (queue.length === 0) {
+          t = end;
+          break;
+        }
+        t = Math.min(end, t + 0.001);
+        const q = queue;
+        queue = [];
+        for (const f of q) {
+          turns++;
+          f();
+        }
+      }
+    },
+    turns: () => turns,
+    queued: () => queue.length,
+  };
+}
+
+describe('IdlePoll: adaptive polling between requests', () => {
+  it('polls nothing until a gap shows polling would have caught a request', () => {
+    const h = harness(0.1);
+    h.poll.idle(h.t());
+    expect(h.queued()).to.equal(0);
+    h.advance(0.03);
+    h.poll.arrived();
+    expect(h.poll.window).to.be.closeTo(0.03, 1e-9);
+    h.poll.idle(h.t());
+    expect(h.queued()).to.equal(1);
+  });
+
+  it('stops turning the loop when a request arrives, and keeps the window that caught it', () => {
+    const h = harness(0.1);
+    h.poll.idle(h.t());
+    h.advance(0.02);
+    h.poll.arrived(); // window 0.02
+    h.poll.idle(h.t());
+    h.advance(0.01);
+    h.poll.arrived(); // caught
+    expect(h.poll.window).to.be.closeTo(0.02, 1e-9);
+    const turns = h.turns();
+    h.advance(1);
+    expect(h.turns() - turns).to.be.at.most(1);
+    expect(h.queued()).to.equal(0);
+  });
+
+  it('gives up at the end of the window, then grows it to cover a later request', () => {
+    const h = harness(0.1);
+    h.poll.idle(h.t());
+    h.advance(0.01);
+    h.poll.arrived(); // window 0.01
+    h.poll.idle(h.t());
+    h.advance(0.05);
+    expect(h.queued()).to.equal(0); // the loop sleeps again after 0.01
+    h.poll.arrived();
+    expect(h.poll.window).to.be.closeTo(0.05, 1e-9);
+    h.poll.idle(h.t());
+    h.advance(0.2);
+    h.poll.arrived();
+    expect(h.poll.window).to.equal(0); // a pause longer than the longest window: back to sleeping at once
+  });
+
+  it('never grows past the longest window', () => {
+    const h = harness(0.05);
+    for (let i = 0; i < 10; i++) {
+      h.poll.idle(h.t());
+      h.advance(0.049);
+      h.poll.arrived();
+      h.poll.idle(h.t());
+      h.advance(0.0001);
+      h.poll.arrived();
+    }
+    expect(h.poll.window).to.be.at.most(0.05);
+    expect(h.poll.window).to.be.greaterThan(0.04);
+  });
+
+  it('does not poll after a request that waited for the disk, nor learn from the gap', () => {
+    const h = harness(0.1);
+    h.poll.idle(h.t());
+    h.advance(0.03);
+    h.poll.arrived(); // window 0.03
+    const started = h.t();
+    h.advance(0.05); // a request that waited for the disk
+    h.poll.idle(started);
+    expect(h.queued()).to.equal(0);
+    h.advance(0.3);
+    h.poll.arrived();
+    expect(h.poll.window).to.be.closeTo(0.03, 1e-9);
+  });
+
+  it('stop() ends a poll under way', () => {
+    const h = harness(0.1);
+    h.poll.idle(h.t());
+    h.advance(0.05);
+    h.poll.arrived();
+    h.poll.idle(h.t());
+    h.poll.stop();
+    h.advance(0.002);
+    expect(h.queued()).to.equal(0);
+    h.poll.idle(h.t());
+    expect(h.queued()).to.equal(0);
+  });
+});
