@@ -32,6 +32,7 @@ import { decodeHeader, encodeHeader, featureName, Qcow2Header } from './header';
 import {
   SubclusterType, L2Entry, classifyL2Entry, decodeCompressedDescriptor, entryOffset, entryOffsetTooLarge,
   isCopied, isCompressed, readL2Entry, writeL2Entry, encodeOffsetEntry, isAllocatedType, isZeroType, subclusterMask,
+  firstNonEmptyL2Entry,
 } from './l2-entry';
 import { l1EntriesFor, l2EntriesPerTable, alignUp, alignDown } from './layout';
 import { TableCache } from './table-cache';
@@ -504,6 +505,12 @@ export class Qcow2Image implements Layer {
       if (Number.isNaN(d.hostOffset)) throw new CorruptImageError('L2 table', entryAt(l2Index), 'compressed cluster offset too large');
       return { type, length: Math.min(limit, cs - inCluster), hostOffset: d.hostOffset, writable: false, compressed: d };
     }
+    if (type === SubclusterType.UnallocatedPlain && e.hi === 0 && e.lo === 0 && e.bitmapHi === 0 && e.bitmapLo === 0) {
+      // A hole: skip the empty entries after it in blocks (SEEK_DATA, map and reads of sparse disks).
+      const end = Math.min(this.l2Entries, l2Index + Math.ceil((inCluster + limit) / cs));
+      const next = firstNonEmptyL2Entry(table, l2Index + 1, end, this.extendedL2);
+      return { type, length: Math.min(limit, (next - l2Index) * cs - inCluster), hostOffset: inCluster, writable: false, compressed: null };
+    }
     const hasHost = type === SubclusterType.Normal || type === SubclusterType.ZeroAlloc || type === SubclusterType.UnallocatedAlloc;
     const checkHost = (ent: L2Entry, idx: number): number => {
       if (entryOffsetTooLarge(ent.hi)) throw new CorruptImageError('L2 table', entryAt(idx), 'cluster offset too large');
@@ -807,7 +814,7 @@ export class Qcow2Image implements Layer {
    */
   async seekData(offset: number): Promise<number> {
     if (offset < 0 || offset >= this.size) throw new OutOfRangeError(`offset ${offset} is at or past the end of the disk`);
-    const found = await this.scan(offset, (e) => e.data);
+    const found = await this.scan(offset, (e) => e.data, true);
     if (found === null) throw new OutOfRangeError(`no data at or after offset ${offset}`);
     return found;
   }
@@ -819,10 +826,19 @@ export class Qcow2Image implements Layer {
     return found ?? this.size;
   }
 
-  private async scan(offset: number, match: (e: MapExtent) => boolean): Promise<number | null> {
-    const step = Math.max(this.l2Entries * this.clusterSize, 64 * 1024 * 1024);
+  private async scan(offset: number, match: (e: MapExtent) => boolean, forData = false): Promise<number | null> {
+    const tableSpan = this.l2Entries * this.clusterSize;
+    const step = Math.max(tableSpan, 64 * 1024 * 1024);
     let pos = offset;
     while (pos < this.size) {
+      if (forData && !this.backing) {
+        // No L2 table, no backing file: nothing in its span to look at.
+        const l1Index = Math.floor(pos / tableSpan);
+        if (l1Index >= this.l1Size || this.l2OffsetFor(l1Index) === 0) {
+          pos = (l1Index + 1) * tableSpan;
+          continue;
+        }
+      }
       const len = Math.min(step - (pos % step), this.size - pos);
       for (const e of await this.blockStatus(pos, len)) {
         if (match(e)) return Math.max(e.start, offset);

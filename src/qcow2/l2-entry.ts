@@ -146,6 +146,33 @@ export function readL2Entry(table: Buffer, index: number, extendedL2: boolean): 
   return { hi: table.readUInt32BE(o), lo: table.readUInt32BE(o + 4), bitmapHi: 0, bitmapLo: 0 };
 }
 
+/** 4 KiB of zero bytes, what runs of empty entries are compared with. */
+const ZERO_ENTRIES = Buffer.alloc(4096);
+
+/**
+ * The first entry in [from, end) of an L2 table whose bytes are not all zero,
+ * or `end`. An all-zero entry is an unallocated cluster in every format
+ * (classifyL2Entry: no offset, no flags, no subcluster bits), so a run of them
+ * is skipped by comparing whole blocks of the table (memcmp) rather than
+ * decoding entries one by one: a 512 MiB hole is one 64 KiB table of zeroes.
+ */
+export function firstNonEmptyL2Entry(table: Buffer, from: number, end: number, extendedL2: boolean): number {
+  const size = extendedL2 ? 16 : 8;
+  let o = from * size;
+  const stop = end * size;
+  while (o < stop) {
+    const n = Math.min(ZERO_ENTRIES.length, stop - o);
+    if (table.compare(ZERO_ENTRIES, 0, n, o, o + n) === 0) {
+      o += n;
+      continue;
+    }
+    for (let i = o; i < o + n; i += size) {
+      if (table.compare(ZERO_ENTRIES, 0, size, i, i + size) !== 0) return i / size;
+    }
+  }
+  return end;
+}
+
 /** Write entry `index` of an L2 table buffer. */
 export function writeL2Entry(table: Buffer, index: number, e: L2Entry, extendedL2: boolean): void {
   if (extendedL2) {

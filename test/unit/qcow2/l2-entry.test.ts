@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import {
   SubclusterType, L2Entry, classifyL2Entry, decodeCompressedDescriptor, encodeCompressedDescriptor, encodeOffsetEntry,
-  entryOffset, readL2Entry, writeL2Entry, subclusterMask, isAllocatedType, isZeroType,
+  entryOffset, readL2Entry, writeL2Entry, subclusterMask, isAllocatedType, isZeroType, firstNonEmptyL2Entry,
 } from '../../../src/qcow2/l2-entry';
 
 const COPIED = 0x80000000;
@@ -184,6 +184,32 @@ describe('qcow2 L2 entries', () => {
     it('offsets beyond 2^53 decode as NaN (the caller reports corruption)', () => {
       const d = decodeCompressedDescriptor(0x40000000 | 0x00300000, 0, 9);
       expect(Number.isNaN(d.hostOffset)).to.equal(true);
+    });
+  });
+
+  describe('firstNonEmptyL2Entry', () => {
+    for (const extended of [false, true]) {
+      const size = extended ? 16 : 8;
+      it(`finds the first entry with any bit set (${extended ? 'extended' : 'standard'} L2)`, () => {
+        const entries = 8192;
+        const table = Buffer.alloc(entries * size);
+        expect(firstNonEmptyL2Entry(table, 0, entries, extended)).to.equal(entries);
+        // Just past a 4 KiB block boundary, and one bit at the end of an entry (a subcluster bit when extended).
+        table[(4096 / size + 1) * size + size - 1] = 1;
+        expect(firstNonEmptyL2Entry(table, 0, entries, extended)).to.equal(4096 / size + 1);
+        expect(firstNonEmptyL2Entry(table, 0, 4096 / size + 1, extended)).to.equal(4096 / size + 1);
+        expect(firstNonEmptyL2Entry(table, 4096 / size + 2, entries, extended)).to.equal(entries);
+        writeL2Entry(table, 7000, entry(COPIED, 0x50000), extended);
+        expect(firstNonEmptyL2Entry(table, 4096 / size + 2, entries, extended)).to.equal(7000);
+        expect(firstNonEmptyL2Entry(table, 7000, 7001, extended)).to.equal(7000);
+        expect(firstNonEmptyL2Entry(table, 7001, entries, extended)).to.equal(entries);
+      });
+    }
+    it('skips only entries that classify as unallocated', () => {
+      const table = Buffer.alloc(64);
+      expect(classifyL2Entry(readL2Entry(table, 0, false), 0, std)).to.equal(SubclusterType.UnallocatedPlain);
+      expect(classifyL2Entry(readL2Entry(table, 0, true), 5, ext)).to.equal(SubclusterType.UnallocatedPlain);
+      expect(classifyL2Entry(readL2Entry(table, 0, false), 0, { extendedL2: false, hasDataFile: true })).to.equal(SubclusterType.UnallocatedPlain);
     });
   });
 });
