@@ -30,30 +30,43 @@ describe('qcowfs mount: idle polling between requests', function () {
   after(() => sb.cleanup());
 
   /** One dd writing 4 KiB at a time (a write-only open: every write is a FUSE WRITE); the daemon's sleeps meanwhile. */
+  let n = 0;
   function sleepsDuringWrites(extra: string[]): { sleeps: number; img: string } {
-    const img = sb.path(`poll${extra.length}.qcow2`);
+    const name = `poll${n++}`;
+    const img = sb.path(`${name}.qcow2`);
     qemuImg('create', '-q', '-f', 'qcow2', img, '64M');
     const pid = sb.mount(...extra, img, mnt);
-    const raw = `${mnt}/poll${extra.length}.raw`;
+    const raw = `${mnt}/${name}.raw`;
     // Allocate the clusters first: the measured writes then only overwrite.
     run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=16', 'conv=notrunc', 'status=none']);
     const before = sleeps(pid);
     run('dd', ['if=/dev/zero', `of=${raw}`, 'bs=4k', `count=${WRITES}`, 'conv=notrunc', 'status=none']);
-    const n = sleeps(pid) - before;
+    const slept = sleeps(pid) - before;
     sb.unmount(mnt);
-    return { sleeps: n, img };
+    return { sleeps: slept, img };
   }
 
   it('stays awake through a stream of small writes, and sleeps between them with --idle-poll 0', () => {
-    const polled = sleepsDuringWrites([]);
-    const unpolled = sleepsDuringWrites(['--idle-poll', '0']);
-    // Unpolled, the daemon sleeps before most writes (3800-3950 of 4000 on an idle machine; fewer
-    // when other work keeps it from reaching epoll before the next write is queued). Polled: 130-410.
-    expect(unpolled.sleeps, 'sleeps without polling').to.be.greaterThan(WRITES / 10);
-    expect(polled.sleeps, `sleeps with polling, against ${unpolled.sleeps} without`).to.be.lessThan(unpolled.sleeps / 2);
+    // Unpolled, the daemon sleeps before nearly every write (3760-3950 of 4000 on an idle machine);
+    // polled, 130-410 times. A busy machine hides the difference (the daemon, preempted, finds the
+    // next write already queued and need not sleep), so a run where the unpolled daemon slept
+    // before fewer than half of the writes says nothing and is taken again, up to three times.
+    const images: string[] = [];
+    let seen = '';
+    let decided = false;
+    for (let attempt = 0; attempt < 3 && !decided; attempt++) {
+      const polled = sleepsDuringWrites([]);
+      const unpolled = sleepsDuringWrites(['--idle-poll', '0']);
+      images.push(polled.img, unpolled.img);
+      seen += ` ${polled.sleeps}/${unpolled.sleeps}`;
+      if (unpolled.sleeps < WRITES / 2) continue;
+      decided = true;
+      expect(polled.sleeps, `sleeps with polling, against ${unpolled.sleeps} without`).to.be.lessThan(unpolled.sleeps / 4);
+    }
+    expect(decided, `the machine was too busy to tell (sleeps polled/unpolled:${seen})`).to.equal(true);
     // What was written is what QEMU reads back.
     const zeroes = crypto.createHash('sha256').update(Buffer.alloc(WRITES * 4096)).digest('hex');
-    for (const { img } of [polled, unpolled]) {
+    for (const img of images) {
       expectCheckClean(img);
       expect(sha256Range(qemuConvertRaw(img, `${img}.raw`), 0, WRITES * 4096)).to.equal(zeroes);
     }
