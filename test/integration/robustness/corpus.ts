@@ -212,13 +212,15 @@ export const CASES: HostileCase[] = [
       const args = ['create', '-q', '--object', 'secret,id=sec0,data=hunter2', '-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', f, '4M'];
       // qemu-img times PBKDF by the thread's CPU clock to pick an iteration count; on a loaded
       // virtual machine it now and then reads no progress and gives up ("Unable to get accurate
-      // CPU usage"). That says nothing about us: make the fixture again.
+      // CPU usage"), sometimes several times in a row (7 of 10 under two busy loops). That says
+      // nothing about us: make the fixture again, after a pause.
       for (let attempt = 1; ; attempt++) {
         const r = run('qemu-img', args, { allowFail: true });
         if (r.status === 0) return f;
-        if (attempt === 3 || !/Unable to get accurate CPU usage/.test(r.stderr)) {
+        if (attempt === 10 || !/Unable to get accurate CPU usage/.test(r.stderr)) {
           throw new Error(`qemu-img ${args.join(' ')} failed (${r.status}): ${r.stderr.trim()}`);
         }
+        run('sleep', ['1']);
       }
     },
     refuse: /unsupported image: LUKS encryption/,
