@@ -16,6 +16,7 @@
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
  *   dropCached(fd, pos, len)                 -> posix_fadvise(POSIX_FADV_DONTNEED) of the range: 0 or an errno
+ *   startWriteback(fd, pos, len)             -> sync_file_range(SYNC_FILE_RANGE_WRITE) of the range: 0 or -errno
  *   cacheStat(fd, pos, len, out)             -> 0 or -errno; out[0] = bytes of the range in the page
  *                                               cache, out[1] = bytes dirty or under writeback (cachestat)
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
@@ -291,6 +292,18 @@ static napi_value DropCached(napi_env env, napi_callback_info info) {
   return native_number(env, posix_fadvise((int)fd, (off_t)pos, (off_t)len, POSIX_FADV_DONTNEED));
 }
 
+static napi_value StartWriteback(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd, pos, len;
+  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], &fd) || get_int(env, a.argv[1], &pos) ||
+      get_int(env, a.argv[2], &len) || pos < 0 || len < 0) {
+    napi_throw_type_error(env, NULL, "startWriteback(fd, position, length)");
+    return NULL;
+  }
+  if (sync_file_range((int)fd, (off_t)pos, (off_t)len, SYNC_FILE_RANGE_WRITE) < 0) return native_number(env, -errno);
+  return native_number(env, 0);
+}
+
 void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "setNonblock", SetNonblock);
   native_export(env, exports, "readInto", ReadInto);
@@ -298,6 +311,7 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "seekData", SeekData);
   native_export(env, exports, "cacheStat", CacheStat);
   native_export(env, exports, "dropCached", DropCached);
+  native_export(env, exports, "startWriteback", StartWriteback);
   native_export(env, exports, "pollCreate", PollCreate);
   native_export(env, exports, "pollStart", PollStart);
   native_export(env, exports, "pollStop", PollStop);

@@ -58,6 +58,30 @@ const DROP_UNIT = 2 * 1024 * 1024;
 /** Streams followed at once per file; a new one replaces the one read longest ago. */
 const MAX_STREAMS = 8;
 
+/**
+ * Write-behind, with drop-behind: a run of sequential writes starts the
+ * writeback of what it wrote more than WRITEBACK_LAG behind its newest
+ * write (sync_file_range(SYNC_FILE_RANGE_WRITE), which does not wait), and
+ * drops what it wrote more than WRITE_DROP_LAG behind, by then clean (pages
+ * still under writeback stay). The disk works while the stream goes on, not
+ * all at the fdatasync that ends it, and the pages freed behind are the
+ * ones the next writes fill. Nothing changes what reaches the disk or when
+ * it is durable: the kernel may write dirty pages back whenever it likes,
+ * and only fdatasync (flush) promises anything. A 1 GiB sequential write of
+ * 1 MiB + fdatasync on the benchmark machine: 1.9-2.2 GB/s against
+ * 0.4-1.5 GB/s without, in interleaved runs.
+ */
+const WRITEBACK_LAG = 4 * 1024 * 1024;
+const WRITE_DROP_LAG = 16 * 1024 * 1024;
+
+interface WriteStream {
+  end: number;
+  /** Writeback has been started for everything before this. */
+  started: number;
+  /** Everything before this has been dropped (or was before the stream began). */
+  dropped: number;
+}
+
 interface Stream {
   /** End of the newest read started. */
   end: number;
@@ -118,6 +142,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   /** Drop-behind streams (see STREAM_LAG); null when not asked for or without the native module. */
   private streams: Stream[] | null = null;
   private streamClock = 0;
+  /** The run of sequential writes (write-behind); null when not following, or no writes yet. */
+  private writeStream: WriteStream | null = null;
   private readonly cacheStat = new Float64Array(2);
   /** See open(); undefined: reads that may wait always complete asynchronously. */
   private blockingReads: (() => boolean) | undefined;
@@ -273,6 +299,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       let n = 0;
       while (n < buf.length) n += fs.writeSync(this.fd, buf, n, buf.length - n, offset + n);
       if (offset + buf.length > this.length) this.length = offset + buf.length;
+      this.written(offset, buf.length);
       return;
     }
     let done = 0;
@@ -280,6 +307,30 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       done += await writeAt(this.fd, buf, done, buf.length - done, offset + done);
     }
     if (offset + buf.length > this.length) this.length = offset + buf.length;
+    this.written(offset, buf.length);
+  }
+
+  /** A write of [position, position+length) is done: follow the run of sequential writes (see WRITEBACK_LAG). */
+  private written(position: number, length: number): void {
+    if (this.streams === null) return;
+    const end = position + length;
+    const w = this.writeStream;
+    if (w === null || position < w.end - WRITEBACK_LAG || position > w.end + STREAM_GAP) {
+      const start = Math.ceil(position / DROP_UNIT) * DROP_UNIT;
+      this.writeStream = { end, started: start, dropped: start };
+      return;
+    }
+    if (end > w.end) w.end = end;
+    const startTo = Math.floor((w.end - WRITEBACK_LAG) / DROP_UNIT) * DROP_UNIT;
+    if (startTo > w.started) {
+      this.native!.startWriteback(this.fd, w.started, startTo - w.started);
+      w.started = startTo;
+    }
+    const dropTo = Math.floor((w.end - WRITE_DROP_LAG) / DROP_UNIT) * DROP_UNIT;
+    if (dropTo > w.dropped) {
+      this.native!.dropCached(this.fd, w.dropped, dropTo - w.dropped);
+      w.dropped = dropTo;
+    }
   }
 
   /** fdatasync, skipped when nothing was written since the last one (FUSE sends FLUSH on every close). */

@@ -27,6 +27,8 @@ export interface NativeModule {
   cacheStat(fd: number, position: number, length: number, out: Float64Array): number;
   /** posix_fadvise(POSIX_FADV_DONTNEED) of a range: its clean pages leave the page cache. 0 or an errno. */
   dropCached(fd: number, position: number, length: number): number;
+  /** sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback of the range's dirty pages; 0 or -errno. */
+  startWriteback(fd: number, position: number, length: number): number;
   /** An io_uring whose completions call `callback(id, bytes or -errno)` on the event loop; -errno if none. */
   uringCreate(entries: number, callback: (id: number, result: number) => void): UringHandle | number;
   /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */

