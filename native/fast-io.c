@@ -281,25 +281,26 @@ static napi_value CacheStat(napi_env env, napi_callback_info info) {
   return native_number(env, 0);
 }
 
-static napi_value DropCached(napi_env env, napi_callback_info info) {
+/* (fd, position, length) with position and length >= 0; throws a TypeError naming `usage` otherwise. */
+static bool get_fd_range(napi_env env, napi_callback_info info, const char *usage, int64_t *fd, int64_t *pos, int64_t *len) {
   args_t a;
-  int64_t fd, pos, len;
-  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], &fd) || get_int(env, a.argv[1], &pos) ||
-      get_int(env, a.argv[2], &len) || pos < 0 || len < 0) {
-    napi_throw_type_error(env, NULL, "dropCached(fd, position, length)");
-    return NULL;
+  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], fd) || get_int(env, a.argv[1], pos) ||
+      get_int(env, a.argv[2], len) || *pos < 0 || *len < 0) {
+    napi_throw_type_error(env, NULL, usage);
+    return false;
   }
+  return true;
+}
+
+static napi_value DropCached(napi_env env, napi_callback_info info) {
+  int64_t fd, pos, len;
+  if (!get_fd_range(env, info, "dropCached(fd, position, length)", &fd, &pos, &len)) return NULL;
   return native_number(env, posix_fadvise((int)fd, (off_t)pos, (off_t)len, POSIX_FADV_DONTNEED));
 }
 
 static napi_value StartWriteback(napi_env env, napi_callback_info info) {
-  args_t a;
   int64_t fd, pos, len;
-  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], &fd) || get_int(env, a.argv[1], &pos) ||
-      get_int(env, a.argv[2], &len) || pos < 0 || len < 0) {
-    napi_throw_type_error(env, NULL, "startWriteback(fd, position, length)");
-    return NULL;
-  }
+  if (!get_fd_range(env, info, "startWriteback(fd, position, length)", &fd, &pos, &len)) return NULL;
   if (sync_file_range((int)fd, (off_t)pos, (off_t)len, SYNC_FILE_RANGE_WRITE) < 0) return native_number(env, -errno);
   return native_number(env, 0);
 }

@@ -401,6 +401,32 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     expect(fs.readFileSync(file).equals(data), 'the file after the stream and a flush').to.equal(true);
   });
 
+  it('dropBehind: a run of sequential writes, written back and dropped behind itself, reads back whole and reaches the disk', async () => {
+    const file = path.join(dir, 'img');
+    fs.writeFileSync(file, '');
+    const data = randomBytes(48 * MiB);
+    const dev = await FileDevice.open(file, { dropBehind: true });
+    try {
+      for (let at = 0; at < data.length; at += MiB) await dev.pwrite(data.subarray(at, at + MiB), at);
+      const fd = fs.openSync(file, 'r');
+      try {
+        expect(native.startWriteback(fd, 0, 16 * MiB)).to.equal(0);
+        expect(native.startWriteback(-1, 0, 16 * MiB)).to.equal(-E.EBADF);
+        expect(() => native.startWriteback(fd, -1, 1)).to.throw(TypeError);
+      } finally {
+        fs.closeSync(fd);
+      }
+      await dev.flush();
+      const back = Buffer.alloc(data.length);
+      expect(await dev.pread(back, 0)).to.equal(data.length);
+      expect(back.equals(data), 'read back through the device').to.equal(true);
+    } finally {
+      await dev.close();
+    }
+    execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0'], { stdio: 'ignore' });
+    expect(fs.readFileSync(file).equals(data), 'the file after the writes and a flush').to.equal(true);
+  });
+
   it('blockingReads: a small read is made on the spot while the owner says so, else it completes later', async () => {
     const { file, data } = coldFile(4 << 20);
     let sole = true;
