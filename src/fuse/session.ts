@@ -187,6 +187,8 @@ class Pending implements RequestContext {
   replyBuffer: Buffer | undefined;
   /** Debug text: key arguments. */
   args = '';
+  /** The data a READ asks for or a WRITE carries (bytes), for IdlePoll. */
+  bytes = 0;
 
   constructor(
     readonly unique: number,
@@ -491,8 +493,13 @@ export class FuseSession {
         break;
     }
     const p = new Pending(h.unique, h.opcode, h.nodeid, h.uid, h.gid, h.pid, performance.now());
-    if (req.kind === 'write') p.heldBuffer = buf;
-    else this.giveBuffer(buf);
+    if (req.kind === 'write') {
+      p.heldBuffer = buf;
+      p.bytes = req.data.length;
+    } else {
+      this.giveBuffer(buf);
+      if (req.kind === 'read') p.bytes = req.size;
+    }
     if (this.debug) p.args = describe(req);
     if (this.earlyInterrupts.size > 0 && this.earlyInterrupts.delete(h.unique)) p.interrupt(p.started);
     this.pending.set(h.unique, p);
@@ -520,7 +527,7 @@ export class FuseSession {
       this.replyError(p, E.EIO);
     }
     this.pending.delete(p.unique);
-    if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(p.started);
+    if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(p.started, p.bytes);
     this.unpark();
   }
 

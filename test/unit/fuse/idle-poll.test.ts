@@ -105,6 +105,27 @@ describe('IdlePoll: adaptive polling between requests', () => {
     expect(h.poll.window).to.be.closeTo(0.03, 1e-9);
   });
 
+  it('allows a request that moved data the time to copy it', () => {
+    const h = harness(0.1);
+    h.poll.idle(h.t());
+    h.advance(0.03);
+    h.poll.arrived(); // window 0.03
+    let started = h.t();
+    h.advance(0.06); // 128 KiB from the host's cache: 0.03 ms + 0.066 ms allowed
+    h.poll.idle(started, 128 * 1024);
+    expect(h.queued()).to.equal(1);
+    h.advance(0.01);
+    h.poll.arrived();
+    started = h.t();
+    h.advance(0.3); // 128 KiB that waited for the disk
+    h.poll.idle(started, 128 * 1024);
+    expect(h.queued()).to.equal(0);
+    started = h.t();
+    h.advance(0.04); // 4 KiB that waited for the disk: 0.032 ms allowed
+    h.poll.idle(started, 4096);
+    expect(h.queued()).to.equal(0);
+  });
+
   it('stop() ends a poll under way', () => {
     const h = harness(0.1);
     h.poll.idle(h.t());
