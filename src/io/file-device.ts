@@ -137,8 +137,10 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private probe = 0;
   /** Where misses go when there is an io_uring; null where there is none or this file refuses it. */
   private ring: UringReader | null = uringReader();
-  /** Written to (or resized) since the last completed fdatasync: flush() has something to do. */
+  /** Written to (or resized) since the last fdatasync began: flush() has something to do. */
   private unsynced = false;
+  /** The latest fdatasync while it runs. */
+  private syncing: Promise<void> | null = null;
   /** Drop-behind streams (see STREAM_LAG); null when not asked for or without the native module. */
   private streams: Stream[] | null = null;
   private streamClock = 0;
@@ -334,14 +336,27 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   /** fdatasync, skipped when nothing was written since the last one (FUSE sends FLUSH on every close). */
+  /**
+   * fdatasync, when anything was written since the last one. Flushes may
+   * overlap: one that finds nothing new written still waits for a sync under
+   * way, which may not yet cover the writes its caller saw complete.
+   */
   async flush(): Promise<void> {
-    if (this.readOnly || !this.unsynced) return;
+    if (this.readOnly) return;
+    if (!this.unsynced) {
+      if (this.syncing !== null) await this.syncing;
+      return;
+    }
     this.unsynced = false; // writes landing during the sync set it again
-    try {
-      await call<void>((cb) => fs.fdatasync(this.fd, cb));
-    } catch (err) {
+    const sync = call<void>((cb) => fs.fdatasync(this.fd, cb)).catch((err: unknown) => {
       this.unsynced = true;
       throw err;
+    });
+    this.syncing = sync;
+    try {
+      await sync;
+    } finally {
+      if (this.syncing === sync) this.syncing = null;
     }
   }
 

@@ -1393,11 +1393,13 @@ export class Qcow2Image implements Layer {
   async flush(): Promise<void> {
     this.checkOpen();
     if (this.readOnlyReason !== null) return;
-    await this.lock.exclusive(async () => {
-      await this.flushMetadata();
-      await this.dev.flush();
-      if (this.dataDev !== this.dev) await this.dataDev.flush();
-    });
+    // Only writing the cached metadata out needs the image to itself; reads and
+    // writes go on during the host's sync (QEMU's qcow2 flushes the same way).
+    // The sync covers everything written before it began: every write that
+    // completed before this flush was called, and the metadata just written.
+    await this.lock.exclusive(() => this.flushMetadata());
+    await this.dev.flush();
+    if (this.dataDev !== this.dev) await this.dataDev.flush();
   }
 
   /**

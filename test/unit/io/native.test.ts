@@ -261,6 +261,25 @@ describe('FileDevice', () => {
     }
   });
 
+  it('a flush that finds nothing new written still waits for the sync under way', async () => {
+    const file = path.join(dir, 'img');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    const dev = await FileDevice.open(file);
+    try {
+      await dev.pwrite(randomBytes(1 << 20), 0);
+      const done: string[] = [];
+      const first = dev.flush().then(() => done.push('first'));
+      // Nothing written since the first began: the second has no sync of its own
+      // to make, but must not report the data durable before the first's is.
+      const second = dev.flush().then(() => done.push('second'));
+      expect(done).to.deep.equal([]);
+      await Promise.all([first, second]);
+      expect(done).to.deep.equal(['first', 'second']);
+    } finally {
+      await dev.close();
+    }
+  });
+
   it('a read-only device reads, and its flush is a no-op', async () => {
     const file = path.join(dir, 'img');
     fs.writeFileSync(file, randomBytes(8192));

@@ -319,6 +319,61 @@ describe('qcow2 write engine (memory device)', () => {
   });
 });
 
+/** A memory device whose next flush, once armed, waits until the test lets it finish. */
+class SlowSyncDevice extends MemoryDevice {
+  syncing = false;
+  private armed = false;
+  private release: (() => void) | null = null;
+
+  arm(): void {
+    this.armed = true;
+  }
+
+  override async flush(): Promise<void> {
+    if (this.armed) {
+      this.armed = false;
+      this.syncing = true;
+      await new Promise<void>((r) => { this.release = r; });
+      this.syncing = false;
+    }
+    await super.flush();
+  }
+
+  finishSync(): void {
+    this.release?.();
+    this.release = null;
+  }
+}
+
+describe('qcow2 write engine: flush', () => {
+  it('serves reads and writes while the host syncs; the flush still waits for that sync', async () => {
+    const dev = new SlowSyncDevice();
+    await createOnDevice(dev, { size: 8 * MiB, clusterSize: 64 * KiB });
+    const img = await Qcow2Image.open(dev);
+    await img.write(patternBuffer(256 * KiB, 1), 0); // allocates
+    let flushed = false;
+    dev.arm();
+    const flush = img.flush().then(() => { flushed = true; });
+    for (let i = 0; i < 100 && !dev.syncing; i++) await new Promise((r) => setImmediate(r));
+    expect(dev.syncing, 'the flush reached the host sync').to.equal(true);
+    // During the sync: a read, a write in place, and a write that allocates.
+    const back = Buffer.alloc(64 * KiB);
+    await img.read(back, 64 * KiB);
+    expect(back.equals(patternBuffer(256 * KiB, 1).subarray(64 * KiB, 128 * KiB))).to.equal(true);
+    await img.write(patternBuffer(4 * KiB, 2), 0);
+    await img.write(patternBuffer(64 * KiB, 3), 4 * MiB);
+    expect(flushed, 'the flush waits for the host sync').to.equal(false);
+    dev.finishSync();
+    await flush;
+    await img.close();
+    const file = expectQemuClean(dev, 'after writes during a sync');
+    const raw = qemuRaw(file);
+    expect(raw.subarray(0, 4 * KiB).equals(patternBuffer(4 * KiB, 2))).to.equal(true);
+    expect(raw.subarray(4 * KiB, 256 * KiB).equals(patternBuffer(256 * KiB, 1).subarray(4 * KiB))).to.equal(true);
+    expect(raw.subarray(4 * MiB, 4 * MiB + 64 * KiB).equals(patternBuffer(64 * KiB, 3))).to.equal(true);
+  });
+});
+
 /**
  * A device that can lose power: writes since the last flush may each be
  * lost, in any combination (a disk cache reorders them).
