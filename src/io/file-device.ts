@@ -369,6 +369,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // A sync under way (a flush overlapping the last one) finishes on this descriptor first.
+    if (this.syncing !== null) await this.syncing.catch(() => undefined);
     await call<void>((cb) => fs.close(this.fd, cb));
   }
 
