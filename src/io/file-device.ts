@@ -308,6 +308,8 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     while (done < buf.length) {
       done += await writeAt(this.fd, buf, done, buf.length - done, offset + done);
     }
+    // Again once it has landed: a sync that began while it was under way may not cover it.
+    this.unsynced = true;
     if (offset + buf.length > this.length) this.length = offset + buf.length;
     this.written(offset, buf.length);
   }
@@ -335,9 +337,9 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     }
   }
 
-  /** fdatasync, skipped when nothing was written since the last one (FUSE sends FLUSH on every close). */
   /**
-   * fdatasync, when anything was written since the last one. Flushes may
+   * fdatasync, when anything was written since the last one began (FUSE sends
+   * FLUSH on every close, mostly with nothing to sync). Flushes may
    * overlap: one that finds nothing new written still waits for a sync under
    * way, which may not yet cover the writes its caller saw complete.
    */
@@ -363,6 +365,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   async truncate(size: number): Promise<void> {
     this.unsynced = true;
     await call<void>((cb) => fs.ftruncate(this.fd, size, cb));
+    this.unsynced = true; // as for pwrite: a sync may have begun meanwhile
     this.length = size;
   }
 

@@ -280,6 +280,35 @@ describe('FileDevice', () => {
     }
   });
 
+  it('a write still under way when a sync begins is synced by the next flush', async () => {
+    const file = path.join(dir, 'img');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    const dev = await FileDevice.open(file);
+    // Count the device's fdatasyncs (it calls them through the fs module).
+    const nodeFs = require('fs') as { fdatasync: (fd: number, cb: (err: Error | null) => void) => void };
+    const realFdatasync = nodeFs.fdatasync;
+    let syncs = 0;
+    nodeFs.fdatasync = (fd, cb) => {
+      syncs++;
+      realFdatasync(fd, cb);
+    };
+    try {
+      // Larger than the writes made on the spot: this one goes to the threadpool,
+      // and the flush below begins its sync before the write has landed.
+      const write = dev.pwrite(randomBytes(4 << 20), 0);
+      const flush = dev.flush();
+      await Promise.all([write, flush]);
+      expect(syncs).to.equal(1);
+      await dev.flush();
+      expect(syncs, 'the next flush syncs the write the first may have missed').to.equal(2);
+      await dev.flush();
+      expect(syncs, 'and then there is nothing left to sync').to.equal(2);
+    } finally {
+      nodeFs.fdatasync = realFdatasync;
+      await dev.close();
+    }
+  });
+
   it('a read-only device reads, and its flush is a no-op', async () => {
     const file = path.join(dir, 'img');
     fs.writeFileSync(file, randomBytes(8192));
