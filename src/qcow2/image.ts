@@ -31,7 +31,7 @@ import {
 import { decodeHeader, encodeHeader, featureName, Qcow2Header } from './header';
 import {
   SubclusterType, L2Entry, classifyL2Entry, decodeCompressedDescriptor, entryOffset, entryOffsetTooLarge,
-  isCopied, isCompressed, readL2Entry, writeL2Entry, encodeOffsetEntry, isAllocatedType, isZeroType, subclusterMask,
+  isCopied, isCompressed, readL2Entry, writeL2Entry, encodeOffsetEntry, isAllocatedType, isZeroType, subclusterMask, lastContiguousL2Entry,
   firstNonEmptyL2Entry,
 } from './l2-entry';
 import { l1EntriesFor, l2EntriesPerTable, alignUp, alignDown } from './layout';
@@ -524,6 +524,15 @@ export class Qcow2Image implements Layer {
     // Extend the run across subclusters and clusters of the same kind.
     let length = Math.min(limit, (sc + 1) * this.subclusterSize - inCluster);
     let expectHost = host + (sc + 1) * this.subclusterSize;
+    if (!this.extendedL2 && hasHost && length < limit && (type !== SubclusterType.Normal || writable === (isCopied(e.hi) || this.hasDataFile))) {
+      // Standard entries: step over the entries that continue this one raw word by raw
+      // word; the loop below takes over where they stop (and decodes what stopped them).
+      const end = Math.min(this.l2Entries, l2Index + Math.ceil((inCluster + limit) / cs));
+      const last = lastContiguousL2Entry(table, l2Index, end, cs);
+      length = Math.min(limit, (last - l2Index + 1) * cs - inCluster);
+      expectHost = host + (last - l2Index + 1) * cs;
+      l2Index = last;
+    }
     for (;;) {
       if (length >= limit) break;
       sc++;

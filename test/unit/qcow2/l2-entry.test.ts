@@ -2,6 +2,7 @@ import { expect } from 'chai';
 import {
   SubclusterType, L2Entry, classifyL2Entry, decodeCompressedDescriptor, encodeCompressedDescriptor, encodeOffsetEntry,
   entryOffset, readL2Entry, writeL2Entry, subclusterMask, isAllocatedType, isZeroType, firstNonEmptyL2Entry,
+  lastContiguousL2Entry,
 } from '../../../src/qcow2/l2-entry';
 
 const COPIED = 0x80000000;
@@ -210,6 +211,46 @@ describe('qcow2 L2 entries', () => {
       expect(classifyL2Entry(readL2Entry(table, 0, false), 0, std)).to.equal(SubclusterType.UnallocatedPlain);
       expect(classifyL2Entry(readL2Entry(table, 0, true), 5, ext)).to.equal(SubclusterType.UnallocatedPlain);
       expect(classifyL2Entry(readL2Entry(table, 0, false), 0, { extendedL2: false, hasDataFile: true })).to.equal(SubclusterType.UnallocatedPlain);
+    });
+  });
+  describe('lastContiguousL2Entry', () => {
+    const cs = 64 * 1024;
+    const put = (table: Buffer, i: number, hi: number, lo: number) => writeL2Entry(table, i, entry(hi, lo), false);
+
+    it('follows entries one cluster apart with the same flags, and stops at a gap, a flag or the end', () => {
+      const table = Buffer.alloc(64 * 8);
+      for (let i = 0; i < 10; i++) put(table, i, COPIED, 0x100000 + i * cs);
+      put(table, 10, COPIED, 0x100000 + 12 * cs); // a gap on the host
+      for (let i = 11; i < 15; i++) put(table, i, COPIED, 0x200000 + (i - 11) * cs);
+      put(table, 15, 0, 0x200000 + 4 * cs); // contiguous, but not COPIED
+      for (let i = 20; i < 25; i++) put(table, i, 0, 0x400000 + (i - 20) * cs + 1); // zero flag, allocated
+      expect(lastContiguousL2Entry(table, 0, 64, cs)).to.equal(9);
+      expect(lastContiguousL2Entry(table, 3, 64, cs)).to.equal(9);
+      expect(lastContiguousL2Entry(table, 0, 5, cs), 'not past end').to.equal(4);
+      expect(lastContiguousL2Entry(table, 10, 64, cs)).to.equal(10);
+      expect(lastContiguousL2Entry(table, 11, 64, cs)).to.equal(14);
+      expect(lastContiguousL2Entry(table, 20, 64, cs)).to.equal(24);
+      expect(lastContiguousL2Entry(table, 63, 64, cs)).to.equal(63);
+      // Every entry of a run decodes as the run says: same type, host offsets one cluster apart.
+      for (let i = 11; i <= 14; i++) {
+        expect(classifyL2Entry(readL2Entry(table, i, false), 0, std)).to.equal(SubclusterType.Normal);
+        expect(entryOffset(table.readUInt32BE(i * 8), table.readUInt32BE(i * 8 + 4))).to.equal(0x200000 + (i - 11) * cs);
+      }
+    });
+
+    it('carries across the 4 GiB boundary of the low word, and stops before an offset too large', () => {
+      const table = Buffer.alloc(8 * 8);
+      const start = 0x100000000 - 2 * cs;
+      for (let i = 0; i < 4; i++) {
+        const off = start + i * cs;
+        put(table, i, (COPIED | Math.floor(off / 0x100000000)) >>> 0, off % 0x100000000);
+      }
+      expect(lastContiguousL2Entry(table, 0, 8, cs)).to.equal(3);
+      // Offsets up to 2^53 are representable; the next cluster after the last one below it is not.
+      const top = 2 ** 53 - cs;
+      put(table, 4, COPIED | Math.floor(top / 0x100000000), top % 0x100000000);
+      put(table, 5, COPIED | 0x00200000, 0);
+      expect(lastContiguousL2Entry(table, 4, 8, cs)).to.equal(4);
     });
   });
 });
