@@ -355,7 +355,7 @@ function main(): void {
             sh('sync', []);
             dropCaches();
             // Through a pipe: GNU tar writing to /dev/null skips reading the files at all.
-            sh('sh', ['-c', 'tar cf - -C "$1" . | cat > /dev/null', 'sh', m]);
+            sh('bash', ['-o', 'pipefail', '-c', 'tar cf - -C "$1" . | cat > /dev/null', 'bash', m]);
           });
           return t;
         } finally {
