@@ -496,6 +496,8 @@ export class Qcow2Image implements Layer {
     let l2Index = Math.floor((guestOffset % tableSpan) / cs);
     const inCluster = guestOffset % cs;
     let sc = Math.floor(inCluster / this.subclusterSize);
+    // One past the last entry the run may reach (the table's end, or `limit`).
+    const runEnd = Math.min(this.l2Entries, l2Index + Math.ceil((inCluster + limit) / cs));
     let e = readL2Entry(table, l2Index, this.extendedL2);
     const type = classifyL2Entry(e, sc, ctx);
     const entryAt = (i: number) => l2Offset + i * (this.extendedL2 ? 16 : 8);
@@ -507,8 +509,7 @@ export class Qcow2Image implements Layer {
     }
     if (type === SubclusterType.UnallocatedPlain && e.hi === 0 && e.lo === 0 && e.bitmapHi === 0 && e.bitmapLo === 0) {
       // A hole: skip the empty entries after it in blocks (SEEK_DATA, map and reads of sparse disks).
-      const end = Math.min(this.l2Entries, l2Index + Math.ceil((inCluster + limit) / cs));
-      const next = firstNonEmptyL2Entry(table, l2Index + 1, end, this.extendedL2);
+      const next = firstNonEmptyL2Entry(table, l2Index + 1, runEnd, this.extendedL2);
       return { type, length: Math.min(limit, (next - l2Index) * cs - inCluster), hostOffset: inCluster, writable: false, compressed: null };
     }
     const hasHost = type === SubclusterType.Normal || type === SubclusterType.ZeroAlloc || type === SubclusterType.UnallocatedAlloc;
@@ -527,8 +528,7 @@ export class Qcow2Image implements Layer {
     if (!this.extendedL2 && hasHost && length < limit && (type !== SubclusterType.Normal || writable === (isCopied(e.hi) || this.hasDataFile))) {
       // Standard entries: step over the entries that continue this one raw word by raw
       // word; the loop below takes over where they stop (and decodes what stopped them).
-      const end = Math.min(this.l2Entries, l2Index + Math.ceil((inCluster + limit) / cs));
-      const last = lastContiguousL2Entry(table, l2Index, end, cs);
+      const last = lastContiguousL2Entry(table, l2Index, runEnd, cs);
       length = Math.min(limit, (last - l2Index + 1) * cs - inCluster);
       expectHost = host + (last - l2Index + 1) * cs;
       l2Index = last;
