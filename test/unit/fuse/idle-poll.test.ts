@@ -34,6 +34,16 @@ function harness(maxMs: number): { poll: IdlePoll; t: () => number; advance: (ms
   };
 }
 
+/** A poller (longest window 0.1 ms) that one gap of `ms` has taught a window of `ms`. */
+function withWindow(ms: number): ReturnType<typeof harness> {
+  const h = harness(0.1);
+  h.poll.idle(h.t());
+  h.advance(ms);
+  h.poll.arrived();
+  expect(h.poll.window).to.be.closeTo(ms, 1e-9);
+  return h;
+}
+
 describe('IdlePoll: adaptive polling between requests', () => {
   it('polls nothing until a gap shows polling would have caught a request', () => {
     const h = harness(0.1);
@@ -92,10 +102,7 @@ describe('IdlePoll: adaptive polling between requests', () => {
   });
 
   it('does not poll after a request that waited for the disk, nor learn from the gap', () => {
-    const h = harness(0.1);
-    h.poll.idle(h.t());
-    h.advance(0.03);
-    h.poll.arrived(); // window 0.03
+    const h = withWindow(0.03);
     const started = h.t();
     h.advance(0.05); // a request that waited for the disk
     h.poll.idle(started);
@@ -106,10 +113,7 @@ describe('IdlePoll: adaptive polling between requests', () => {
   });
 
   it('allows a request that moved data the time to copy it', () => {
-    const h = harness(0.1);
-    h.poll.idle(h.t());
-    h.advance(0.03);
-    h.poll.arrived(); // window 0.03
+    const h = withWindow(0.03);
     let started = h.t();
     h.advance(0.06); // 128 KiB from the host's cache: 0.03 ms + 0.066 ms allowed
     h.poll.idle(started, 128 * 1024);

@@ -233,57 +233,52 @@ describe('FileDevice', () => {
   });
   afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-  it('reads back what it wrote, small and large, and reads short at the end', async () => {
+  /** Run `fn` on a device over a new empty file, closing it after. */
+  async function withEmptyDevice(fn: (dev: FileDevice, file: string) => Promise<void>): Promise<void> {
     const file = path.join(dir, 'img');
     fs.writeFileSync(file, Buffer.alloc(0));
     const dev = await FileDevice.open(file);
     try {
-      const small = randomBytes(4096);
-      const large = randomBytes(3 << 20);
-      await dev.pwrite(small, 0);
-      await dev.pwrite(large, 8192);
-      await dev.flush();
-      await dev.flush(); // nothing written since: a no-op that still succeeds
-      expect(dev.size()).to.equal(8192 + large.length);
-      const a = Buffer.alloc(4096);
-      expect(await dev.pread(a, 0)).to.equal(4096);
-      expect(a.equals(small)).to.equal(true);
-      const b = Buffer.alloc(large.length);
-      expect(await dev.pread(b, 8192)).to.equal(large.length);
-      expect(b.equals(large)).to.equal(true);
-      const tail = Buffer.alloc(10000);
-      expect(await dev.pread(tail, dev.size() - 100)).to.equal(100);
-      await dev.truncate(4096);
-      await dev.flush();
-      expect(fs.statSync(file).size).to.equal(4096);
+      await fn(dev, file);
     } finally {
       await dev.close();
     }
-  });
+  }
 
-  it('a flush that finds nothing new written still waits for the sync under way', async () => {
-    const file = path.join(dir, 'img');
-    fs.writeFileSync(file, Buffer.alloc(0));
-    const dev = await FileDevice.open(file);
-    try {
-      await dev.pwrite(randomBytes(1 << 20), 0);
-      const done: string[] = [];
-      const first = dev.flush().then(() => done.push('first'));
-      // Nothing written since the first began: the second has no sync of its own
-      // to make, but must not report the data durable before the first's is.
-      const second = dev.flush().then(() => done.push('second'));
-      expect(done).to.deep.equal([]);
-      await Promise.all([first, second]);
-      expect(done).to.deep.equal(['first', 'second']);
-    } finally {
-      await dev.close();
-    }
-  });
+  it('reads back what it wrote, small and large, and reads short at the end', () => withEmptyDevice(async (dev, file) => {
+    const small = randomBytes(4096);
+    const large = randomBytes(3 << 20);
+    await dev.pwrite(small, 0);
+    await dev.pwrite(large, 8192);
+    await dev.flush();
+    await dev.flush(); // nothing written since: a no-op that still succeeds
+    expect(dev.size()).to.equal(8192 + large.length);
+    const a = Buffer.alloc(4096);
+    expect(await dev.pread(a, 0)).to.equal(4096);
+    expect(a.equals(small)).to.equal(true);
+    const b = Buffer.alloc(large.length);
+    expect(await dev.pread(b, 8192)).to.equal(large.length);
+    expect(b.equals(large)).to.equal(true);
+    const tail = Buffer.alloc(10000);
+    expect(await dev.pread(tail, dev.size() - 100)).to.equal(100);
+    await dev.truncate(4096);
+    await dev.flush();
+    expect(fs.statSync(file).size).to.equal(4096);
+  }));
 
-  it('a write still under way when a sync begins is synced by the next flush', async () => {
-    const file = path.join(dir, 'img');
-    fs.writeFileSync(file, Buffer.alloc(0));
-    const dev = await FileDevice.open(file);
+  it('a flush that finds nothing new written still waits for the sync under way', () => withEmptyDevice(async (dev) => {
+    await dev.pwrite(randomBytes(1 << 20), 0);
+    const done: string[] = [];
+    const first = dev.flush().then(() => done.push('first'));
+    // Nothing written since the first began: the second has no sync of its own
+    // to make, but must not report the data durable before the first's is.
+    const second = dev.flush().then(() => done.push('second'));
+    expect(done).to.deep.equal([]);
+    await Promise.all([first, second]);
+    expect(done).to.deep.equal(['first', 'second']);
+  }));
+
+  it('a write still under way when a sync begins is synced by the next flush', () => withEmptyDevice(async (dev) => {
     // Count the device's fdatasyncs (it calls them through the fs module).
     const nodeFs = require('fs') as { fdatasync: (fd: number, cb: (err: Error | null) => void) => void };
     const realFdatasync = nodeFs.fdatasync;
@@ -305,9 +300,8 @@ describe('FileDevice', () => {
       expect(syncs, 'and then there is nothing left to sync').to.equal(2);
     } finally {
       nodeFs.fdatasync = realFdatasync;
-      await dev.close();
     }
-  });
+  }));
 
   it('a read-only device reads, and its flush is a no-op', async () => {
     const file = path.join(dir, 'img');
