@@ -17,6 +17,8 @@
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
  *   dropCached(fd, pos, len)                 -> posix_fadvise(POSIX_FADV_DONTNEED) of the range: 0 or an errno
  *   startWriteback(fd, pos, len)             -> sync_file_range(SYNC_FILE_RANGE_WRITE) of the range: 0 or -errno
+ *   readAhead(fd, pos, len)                  -> readahead(2) of the range (starts reading what is not
+ *                                               cached into the page cache, without waiting): 0 or -errno
  *   cacheStat(fd, pos, len, out)             -> 0 or -errno; out[0] = bytes of the range in the page
  *                                               cache, out[1] = bytes dirty or under writeback (cachestat)
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
@@ -305,6 +307,13 @@ static napi_value StartWriteback(napi_env env, napi_callback_info info) {
   return native_number(env, 0);
 }
 
+static napi_value ReadAhead(napi_env env, napi_callback_info info) {
+  int64_t fd, pos, len;
+  if (!get_fd_range(env, info, "readAhead(fd, position, length)", &fd, &pos, &len)) return NULL;
+  if (readahead((int)fd, (off64_t)pos, (size_t)len) < 0) return native_number(env, -errno);
+  return native_number(env, 0);
+}
+
 void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "setNonblock", SetNonblock);
   native_export(env, exports, "readInto", ReadInto);
@@ -313,6 +322,7 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "cacheStat", CacheStat);
   native_export(env, exports, "dropCached", DropCached);
   native_export(env, exports, "startWriteback", StartWriteback);
+  native_export(env, exports, "readAhead", ReadAhead);
   native_export(env, exports, "pollCreate", PollCreate);
   native_export(env, exports, "pollStart", PollStart);
   native_export(env, exports, "pollStop", PollStop);

@@ -74,6 +74,28 @@ const MAX_STREAMS = 8;
 const WRITEBACK_LAG = 4 * 1024 * 1024;
 const WRITE_DROP_LAG = 16 * 1024 * 1024;
 
+/**
+ * Read-around: a small read that misses the page cache near another recent
+ * miss starts reading the whole aligned AROUND_WINDOW around it (readahead(2),
+ * which does not wait), in the one disk request that brings its own bytes.
+ * A filesystem on a loop device over the mount reads a directory's files, and
+ * their inodes, in an order of its own within a few hundred KiB of the
+ * image: each of those misses is a disk round trip, where one read of the
+ * window around the first serves the next ones from the cache. The kernel
+ * reads such random small misses as they come (its readahead follows only
+ * sequential reads). Misses scattered over the image (random reads of a
+ * large file) seldom fall this near each other and are read as they come.
+ * Reading back 3000 small files from ext4 on a loop device over a mount,
+ * caches dropped, 16 interleaved runs: 0.233 s median against 0.264 s
+ * without (faster in 16 of 16; the image's misses went from 110-400 to
+ * 40-50); cold random 4 KiB reads of a 4 GiB image, at queue depth 1 and 16,
+ * did not change (one in 250 of their misses is read around).
+ */
+const AROUND_WINDOW = 128 * 1024;
+/** A miss this near one of the last AROUND_HISTORY misses is local. */
+const AROUND_NEAR = 1024 * 1024;
+const AROUND_HISTORY = 8;
+
 interface WriteStream {
   end: number;
   /** Writeback has been started for everything before this. */
@@ -149,6 +171,9 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   private readonly cacheStat = new Float64Array(2);
   /** See open(); undefined: reads that may wait always complete asynchronously. */
   private blockingReads: (() => boolean) | undefined;
+  /** Where the last AROUND_HISTORY small misses began (NaN: none yet), and the next slot to fill. */
+  private readonly recentMisses = new Float64Array(AROUND_HISTORY).fill(NaN);
+  private nextMiss = 0;
 
   private constructor(
     readonly fd: number,
@@ -234,7 +259,6 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   private preadCached(buf: Buffer, offset: number): Promise<number> {
-    if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadNow(buf, offset);
     let done = 0;
     if (this.nowait !== null && buf.length > 0 && this.tryNowait()) {
       const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
@@ -247,6 +271,9 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       }
       // -EAGAIN (not cached) and real errors go on below.
     }
+    // A miss, as far as can be told (with the cache untried, after a run of misses, most likely).
+    if (buf.length > done && buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
+    if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadNow(buf, offset, done);
     const viaRing = this.ring?.read(this.fd, buf, done, buf.length - done, offset + done);
     if (viaRing) {
       // Errors and short reads finish on the threadpool, which reports errors as Node does.
@@ -259,9 +286,24 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     return this.preadFrom(buf, offset, done);
   }
 
-  /** A blocking read on the calling thread; a cached range costs the same as a RWF_NOWAIT attempt. */
-  private preadNow(buf: Buffer, offset: number): Promise<number> {
-    let done = 0;
+  /** A small read of [position, +length) missed the cache: read around it if it lies near a recent miss (AROUND_WINDOW). */
+  private readAround(position: number, length: number): void {
+    if (this.native === null) return;
+    const recent = this.recentMisses;
+    let near = false;
+    for (let i = 0; i < recent.length; i++) {
+      if (Math.abs(recent[i] - position) < AROUND_NEAR) near = true;
+    }
+    recent[this.nextMiss] = position;
+    this.nextMiss = (this.nextMiss + 1) % recent.length;
+    if (!near) return;
+    const start = position - (position % AROUND_WINDOW);
+    const end = Math.min(Math.max(start + AROUND_WINDOW, position + length), this.length);
+    if (end > start) this.native.readAhead(this.fd, start, end - start);
+  }
+
+  /** A blocking read on the calling thread of what is left from `done` on. */
+  private preadNow(buf: Buffer, offset: number, done: number): Promise<number> {
     try {
       while (done < buf.length) {
         const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);

@@ -29,6 +29,8 @@ export interface NativeModule {
   dropCached(fd: number, position: number, length: number): number;
   /** sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback of the range's dirty pages; 0 or -errno. */
   startWriteback(fd: number, position: number, length: number): number;
+  /** readahead(2): start reading the range's uncached pages into the page cache, without waiting; 0 or -errno. */
+  readAhead(fd: number, position: number, length: number): number;
   /** An io_uring whose completions call `callback(id, bytes or -errno)` on the event loop; -errno if none. */
   uringCreate(entries: number, callback: (id: number, result: number) => void): UringHandle | number;
   /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */

@@ -406,6 +406,33 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     }
   });
 
+  for (const blocking of [false, true]) {
+    it(`read-around: a small miss near a recent one brings in the 128 KiB around it; a lone miss does not${blocking ? ' (blocking reads)' : ''}`, async () => {
+      const { file, data } = coldFile(8 * MiB);
+      const dev = await FileDevice.open(file, { readOnly: true, blockingReads: () => blocking });
+      try {
+        const buf = Buffer.alloc(4096);
+        const read = async (at: number): Promise<void> => {
+          expect(await dev.pread(buf, at)).to.equal(buf.length);
+          expect(buf.equals(data.subarray(at, at + buf.length)), `bytes at ${at}`).to.equal(true);
+        };
+        const window = 1 * MiB; // aligned to 128 KiB
+        await read(window + 20 * 1024); // the first miss: nothing recent near it
+        expect(cached(dev.fd, window, 128 * 1024), 'after a lone miss').to.be.below(128 * 1024);
+        await read(window + 84 * 1024); // 64 KiB on: near
+        expect(cached(dev.fd, window, 128 * 1024), 'after a miss near it').to.equal(128 * 1024);
+        expect(cached(dev.fd, window + 128 * 1024, 128 * 1024), 'the next window').to.be.below(128 * 1024);
+        const far = 6 * MiB; // 5 MiB from both misses
+        await read(far + 4096);
+        expect(cached(dev.fd, far, 128 * 1024), 'after a miss far from the others').to.be.below(128 * 1024);
+        await read(far + 900 * 1024); // near the one before, in the window after it
+        expect(cached(dev.fd, far + 896 * 1024, 128 * 1024), 'its window').to.equal(128 * 1024);
+      } finally {
+        await dev.close();
+      }
+    });
+  }
+
   it('dropBehind: two streams read in turns, as two readers would, each drop behind themselves', async () => {
     const { file, data } = coldFile(64 * MiB);
     const dev = await FileDevice.open(file, { readOnly: true, dropBehind: true });
