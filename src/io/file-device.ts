@@ -260,19 +260,25 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
 
   private preadCached(buf: Buffer, offset: number): Promise<number> {
     let done = 0;
-    if (this.nowait !== null && buf.length > 0 && this.tryNowait()) {
-      const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
-      this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
-      if (n === buf.length) return Promise.resolve(n);
-      if (n > 0) {
-        done = n;
-      } else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) {
-        this.nowait = null; // this file system cannot; stop asking
+    // The cache was found not to hold all of the range (or, untried after a run of misses, most likely does not).
+    let missed = false;
+    if (this.nowait !== null && buf.length > 0) {
+      if (this.tryNowait()) {
+        const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
+        this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
+        if (n === buf.length) return Promise.resolve(n);
+        if (n > 0) {
+          done = n;
+        } else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) {
+          this.nowait = null; // this file system cannot; stop asking
+        }
+        // -EAGAIN (not cached) and real errors go on below.
+        missed = n > 0 || n === -E.EAGAIN;
+      } else {
+        missed = true;
       }
-      // -EAGAIN (not cached) and real errors go on below.
     }
-    // A miss, as far as can be told (with the cache untried, after a run of misses, most likely).
-    if (buf.length > done && buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
+    if (missed && buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
     if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadNow(buf, offset, done);
     const viaRing = this.ring?.read(this.fd, buf, done, buf.length - done, offset + done);
     if (viaRing) {
@@ -291,9 +297,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     if (this.native === null) return;
     const recent = this.recentMisses;
     let near = false;
-    for (let i = 0; i < recent.length; i++) {
-      if (Math.abs(recent[i] - position) < AROUND_NEAR) near = true;
-    }
+    for (let i = 0; i < recent.length && !near; i++) near = Math.abs(recent[i] - position) < AROUND_NEAR;
     recent[this.nextMiss] = position;
     this.nextMiss = (this.nextMiss + 1) % recent.length;
     if (!near) return;
