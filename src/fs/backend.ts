@@ -12,6 +12,8 @@ export interface FileBackend {
   readonly readOnlyReason: string | null;
   size(): number;
   read(buf: Buffer, offset: number): Promise<void>;
+  /** read() done on the spot when that needs no waiting (see Qcow2Image.readNow): true, or false and nothing read. */
+  readNow?(buf: Buffer, offset: number, mayBlock: boolean): boolean;
   /** Where [offset, offset+length) lies in host files, held until release(); null: use read(). */
   mapForRead?(offset: number, length: number): Promise<HostExtents | null>;
   write(data: Buffer, offset: number): Promise<void>;
@@ -47,6 +49,10 @@ export class ImageBackend implements FileBackend {
 
   read(buf: Buffer, offset: number): Promise<void> {
     return this.image.read(buf, offset);
+  }
+
+  readNow(buf: Buffer, offset: number, mayBlock: boolean): boolean {
+    return this.image.readNow(buf, offset, mayBlock);
   }
 
   mapForRead(offset: number, length: number): Promise<HostExtents | null> {

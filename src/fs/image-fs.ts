@@ -259,6 +259,15 @@ export class ImageFs implements FuseFilesystem {
     return buf;
   }
 
+  readNow(nodeid: NodeId, _fh: FileHandle, offset: number, size: number, into: Buffer, mayBlock: boolean): Buffer | null {
+    const b = this.nodes.get(nodeid)?.file.backend;
+    if (b?.readNow === undefined) return null;
+    const end = Math.min(offset + size, b.size());
+    if (end <= offset || into.length < end - offset) return null;
+    const buf = into.subarray(0, end - offset);
+    return b.readNow(buf, offset, mayBlock) ? buf : null;
+  }
+
   async readSlices(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, size: number): Promise<FileSlices | null> {
     const b = this.node(nodeid).file.backend;
     const end = Math.min(offset + size, b.size());

@@ -131,6 +131,7 @@ export class WatchedDisk implements FileBackend {
   get readOnlyReason(): string | null { return this.disk.readOnlyReason; }
   size(): number { return this.disk.size(); }
   read(buf: Buffer, offset: number): Promise<void> { return this.disk.read(buf, offset); }
+  readNow(buf: Buffer, offset: number, mayBlock: boolean): boolean { return this.disk.readNow?.(buf, offset, mayBlock) ?? false; }
   async mapForRead(offset: number, length: number): Promise<HostExtents | null> {
     return this.disk.mapForRead ? this.disk.mapForRead(offset, length) : null;
   }

@@ -175,6 +175,16 @@ export interface FuseFilesystem {
    */
   read(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, size: number, into?: Buffer): Promise<Buffer>;
   /**
+   * read(), answered before returning when that needs no waiting: the data
+   * (a view of `into`, which holds at least `size` bytes), or null when it
+   * cannot be had at once, and the transport then calls read(). `mayBlock`:
+   * nothing else waits to be served, so a short wait for the disk is allowed.
+   * Errors are thrown, as read() rejects with them. The transport asks this
+   * first for reads it would answer from a buffer, and answers them without
+   * the bookkeeping of a request in flight.
+   */
+  readNow?(nodeid: NodeId, fh: FileHandle, offset: number, size: number, into: Buffer, mayBlock: boolean): Buffer | null;
+  /**
    * The same bytes as read() would return (up to `size`, shorter at end of
    * file), as host file ranges; null when they cannot be described so, and
    * the transport then calls read(). Transports that can splice ask this

@@ -53,10 +53,10 @@ import { performance } from 'perf_hooks';
 import {
   FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION,
   FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
-  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, opcodeName, OPCODES,
+  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, FUSE_READ, opcodeName, OPCODES,
 } from './abi';
 import { IdlePoll, IDLE_POLL_MAX_US } from './idle-poll';
-import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest } from './decode';
+import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest, type ReadRequest } from './decode';
 import {
   encodeAttr, encodeDirents, encodeEmpty, encodeEntry, encodeError, encodeInit, encodeLseek,
   encodeNotifyInvalInode, encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
@@ -398,36 +398,68 @@ export class FuseSession {
     this.readNext();
   }
 
-  /** Poll mode: the device is readable (or has failed); read until it would block. */
+  /**
+   * Poll mode: the device is readable (or has failed); read until it would
+   * block. The device is read one request ahead of the one handled, so that
+   * a request knows whether another is queued behind it (`drained`): one
+   * that is alone may wait for the disk on the spot (soleRequest).
+   */
   private onReadable(): void {
     const native = this.native!;
-    while (!this.stopping) {
-      if (this.pending.size >= this.maxInFlight) {
-        // Saturated: stop watching (the poll is level-triggered) until a handler settles.
-        native.pollStop(this.poll!);
+    let cur: Buffer | null = null;
+    let curLength = 0;
+    for (;;) {
+      let next: Buffer | null = null;
+      let nextLength = 0;
+      // Saturated: read nothing more; stop watching (the poll is level-triggered) until a handler settles.
+      const saturated = this.pending.size + (cur === null ? 0 : 1) >= this.maxInFlight;
+      if (!this.stopping && !saturated) {
+        const buf = this.takeBuffer();
+        const n = native.readInto(this.fd, buf);
+        if (n >= 0) {
+          next = buf;
+          nextLength = n;
+          this.drained = false;
+        } else {
+          this.giveBuffer(buf);
+          const errno = -n;
+          this.drained = errno === E.EAGAIN;
+          if (errno === E.EINTR || errno === E.ENOENT) continue; // ENOENT: interrupted before we read it
+          if (errno !== E.EAGAIN) {
+            if (errno !== E.ENODEV && errno !== E.ECONNABORTED) {
+              this.fatal ??= new Error(`reading /dev/fuse failed: ${errnoName(errno)}`);
+            }
+            if (cur !== null) this.handleRead(cur, curLength);
+            this.stopPolling();
+            return;
+          }
+        }
+      } else {
+        this.drained = false;
+      }
+      if (cur !== null) this.handleRead(cur, curLength);
+      if (next === null) {
+        if (!saturated || this.stopping || this.poll === undefined) return;
+        if (this.pending.size < this.maxInFlight) {
+          cur = null; // it was answered on the spot: there is room again
+          continue;
+        }
+        native.pollStop(this.poll);
         this.pollParked = true;
         return;
       }
-      const buf = this.takeBuffer();
-      const n = native.readInto(this.fd, buf);
-      this.drained = n === -E.EAGAIN;
-      if (n < 0) {
-        this.giveBuffer(buf);
-        const errno = -n;
-        if (errno === E.EAGAIN) return;
-        if (errno === E.EINTR || errno === E.ENOENT) continue; // ENOENT: interrupted before we read it
-        if (errno !== E.ENODEV && errno !== E.ECONNABORTED) {
-          this.fatal ??= new Error(`reading /dev/fuse failed: ${errnoName(errno)}`);
-        }
-        this.stopPolling();
-        return;
-      }
-      if (this.pending.size === 0) this.idlePoll?.arrived();
-      try {
-        this.handle(buf, n);
-      } catch (e) {
-        process.stderr.write(`qcowfs: fuse: internal error: ${(e as Error).stack ?? e}\n`);
-      }
+      cur = next;
+      curLength = nextLength;
+    }
+  }
+
+  /** One request read from the device, handled. */
+  private handleRead(buf: Buffer, n: number): void {
+    if (this.pending.size === 0) this.idlePoll?.arrived();
+    try {
+      this.handle(buf, n);
+    } catch (e) {
+      process.stderr.write(`qcowfs: fuse: internal error: ${(e as Error).stack ?? e}\n`);
     }
   }
 
@@ -492,6 +524,10 @@ export class FuseSession {
       default:
         break;
     }
+    if (req.kind === 'read' && this.answerReadNow(req)) {
+      this.giveBuffer(buf);
+      return;
+    }
     const p = new Pending(h.unique, h.opcode, h.nodeid, h.uid, h.gid, h.pid, performance.now());
     if (req.kind === 'write') {
       p.heldBuffer = buf;
@@ -510,6 +546,38 @@ export class FuseSession {
         this.settled(p);
       },
     );
+  }
+
+  /**
+   * A READ the filesystem can answer on the spot (readNow) is answered here,
+   * before it becomes a request in flight: no promise, no pending entry, the
+   * reply written at once. Large reads are left to the splicing path, and
+   * --debug takes the general path so that every request is logged alike.
+   * False: nothing was sent, serve() takes it.
+   */
+  private answerReadNow(req: ReadRequest): boolean {
+    const f = this.filesystem;
+    const size = req.size;
+    if (f.readNow === undefined || this.debug || size === 0 || size > this.maxWrite) return false;
+    if (this.splicer !== null && size >= SPLICE_MIN_BYTES) return false;
+    const started = performance.now();
+    const unique = req.header.unique;
+    const into = this.freeReplyBuffers.pop() ?? this.newReplyBuffer();
+    try {
+      // Alone: nothing more queued in the device (read one request ahead) and nothing in flight.
+      const data = f.readNow(req.header.nodeid, req.fh, req.offset, size, into, this.drained && this.pending.size === 0);
+      if (data === null) return false;
+      if (this.earlyInterrupts.size > 0) this.earlyInterrupts.delete(unique);
+      this.writeReadReply(unique, data);
+      if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(started, data.length);
+      return true;
+    } catch (err) {
+      this.writeReply(unique, this.scratch, encodeError(this.scratch, unique, this.errnoFor(err)), FUSE_READ);
+      if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(started);
+      return true;
+    } finally {
+      if (this.freeReplyBuffers.length < this.maxInFlight) this.freeReplyBuffers.push(into);
+    }
   }
 
   private settled(p: Pending): void {
@@ -759,12 +827,17 @@ export class FuseSession {
 
   private sendBuffer(p: Pending, buf: Buffer, len: number, result: string): void {
     p.replied = true;
+    this.writeReply(p.unique, buf, len, p.opcode);
+    if (this.debug) this.debugPending(p, result);
+  }
+
+  /** Write one reply of `len` bytes of `buf` to the device. */
+  private writeReply(unique: number, buf: Buffer, len: number, opcode: number): void {
     try {
       fs.writeSync(this.fd, buf, 0, len);
     } catch (e) {
-      this.writeFailed(p, e);
+      this.writeFailed(unique, opcode, e);
     }
-    if (this.debug) this.debugPending(p, result);
   }
 
   /** A READ reply buffer of max_write bytes. */
@@ -775,7 +848,13 @@ export class FuseSession {
   private sendRead(p: Pending, data: Buffer): void {
     if (!this.canReply(p)) return;
     p.replied = true;
-    encodeReadHeader(this.readHeader, p.unique, data.length);
+    this.writeReadReply(p.unique, data);
+    if (this.debug) this.debugPending(p, `${data.length} bytes`);
+  }
+
+  /** Write a READ reply: the header, then the data. */
+  private writeReadReply(unique: number, data: Buffer): void {
+    encodeReadHeader(this.readHeader, unique, data.length);
     try {
       if (data.length === 0) {
         fs.writeSync(this.fd, this.readHeader, 0, FUSE_OUT_HEADER_SIZE);
@@ -784,11 +863,10 @@ export class FuseSession {
         fs.writevSync(this.fd, this.readIov);
       }
     } catch (e) {
-      this.writeFailed(p, e);
+      this.writeFailed(unique, FUSE_READ, e);
     } finally {
       this.readIov[1] = this.readHeader;
     }
-    if (this.debug) this.debugPending(p, `${data.length} bytes`);
   }
 
   /**
@@ -806,7 +884,7 @@ export class FuseSession {
     try {
       await this.writeOnPool([header, data]);
     } catch (e) {
-      this.writeFailed(p, e);
+      this.writeFailed(p.unique, p.opcode, e);
     }
     if (this.debug) this.debugPending(p, `${data.length} bytes`);
   }
@@ -852,7 +930,7 @@ export class FuseSession {
       if (result === -E.EINVAL || result === -E.ENOSYS) this.splicer = null;
       return false;
     }
-    if (result < 0) this.writeFailed(p, codeError(errnoName(-result), `splice: ${errnoName(-result)}`));
+    if (result < 0) this.writeFailed(p.unique, p.opcode, codeError(errnoName(-result), `splice: ${errnoName(-result)}`));
     if (this.debug) this.debugPending(p, result < 0 ? errnoName(-result) : `${result - FUSE_OUT_HEADER_SIZE} bytes (spliced)`);
     return true;
   }
@@ -877,15 +955,15 @@ export class FuseSession {
     }
   }
 
-  private writeFailed(p: Pending, e: unknown): void {
+  private writeFailed(unique: number, opcode: number, e: unknown): void {
     const code = (e as NodeJS.ErrnoException).code;
     // ENOENT: the request was interrupted and is gone. ENODEV: unmounted.
     if (code === 'ENOENT' || code === 'ENODEV' || code === 'ECONNABORTED') return;
-    process.stderr.write(`qcowfs: fuse: the kernel refused the reply to ${opcodeName(p.opcode)} #${p.unique}: ${(e as Error).message}\n`);
+    process.stderr.write(`qcowfs: fuse: the kernel refused the reply to ${opcodeName(opcode)} #${unique}: ${(e as Error).message}\n`);
     // A refused reply leaves the request waiting, and its caller with it, until
     // the mount goes away: answer it EIO instead (a reply the kernel always takes).
     try {
-      fs.writeSync(this.fd, this.scratch, 0, encodeError(this.scratch, p.unique, E.EIO));
+      fs.writeSync(this.fd, this.scratch, 0, encodeError(this.scratch, unique, E.EIO));
     } catch {
       // The kernel answered the request itself, or the device is gone.
     }

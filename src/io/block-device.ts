@@ -8,6 +8,14 @@ export interface BlockDevice {
   size(): number;
   /** Read into `buf` at `offset`; returns bytes read (short only at end of device). */
   pread(buf: Buffer, offset: number): Promise<number>;
+  /**
+   * The same read, done before returning when it can be without waiting on
+   * anything but the host's page cache (or, with `mayBlock`, on the disk):
+   * bytes read, or null when it would have to wait or the read failed (the
+   * caller then uses pread(), which reports the error; `buf` may have been
+   * written to).
+   */
+  preadNow?(buf: Buffer, offset: number, mayBlock: boolean): number | null;
   /** Write all of `buf` at `offset`, growing the device if needed. */
   pwrite(buf: Buffer, offset: number): Promise<void>;
   /** Make every completed write durable. */

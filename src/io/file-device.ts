@@ -279,7 +279,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
       }
     }
     if (missed && buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
-    if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadNow(buf, offset, done);
+    if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadBlocking(buf, offset, done);
     const viaRing = this.ring?.read(this.fd, buf, done, buf.length - done, offset + done);
     if (viaRing) {
       // Errors and short reads finish on the threadpool, which reports errors as Node does.
@@ -307,17 +307,54 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   /** A blocking read on the calling thread of what is left from `done` on. */
-  private preadNow(buf: Buffer, offset: number, done: number): Promise<number> {
+  private preadBlocking(buf: Buffer, offset: number, done: number): Promise<number> {
     try {
-      while (done < buf.length) {
-        const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
-        if (n === 0) break;
-        done += n;
-      }
+      return Promise.resolve(this.readSyncFrom(buf, offset, done));
     } catch (err) {
       return Promise.reject(err);
     }
-    return Promise.resolve(done);
+  }
+
+  private readSyncFrom(buf: Buffer, offset: number, done: number): number {
+    while (done < buf.length) {
+      const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    return done;
+  }
+
+  /**
+   * pread() done on the spot: a page-cache hit, or with `mayBlock` (the
+   * caller has nothing else to do meanwhile) a small read that waits for the
+   * disk (see BLOCKING_READ_MAX). null when it would have to wait otherwise,
+   * once reads have kept missing the cache and this one would only have been
+   * a probe, or when the read failed: the caller goes through pread(), which
+   * takes it from there (and reports the error as Node does).
+   */
+  preadNow(buf: Buffer, offset: number, mayBlock: boolean): number | null {
+    if (buf.length === 0) return 0;
+    const blocking = mayBlock && buf.length <= BLOCKING_READ_MAX;
+    const nowait = this.nowait;
+    const tryCache = nowait !== null && (blocking ? this.tryNowait() : this.misses < NOWAIT_MISS_LIMIT);
+    if (!tryCache && !blocking) return null;
+    this.reading(offset, buf.length);
+    let done = 0;
+    if (tryCache) {
+      const n = nowait!.preadNowait(this.fd, buf, 0, buf.length, offset);
+      this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
+      if (n === buf.length) return n;
+      if (n > 0) done = n;
+      else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) this.nowait = null;
+      else if (n !== -E.EAGAIN) return null; // a real error: pread() reports it as Node does
+    }
+    if (!blocking) return null;
+    if (buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
+    try {
+      return this.readSyncFrom(buf, offset, done);
+    } catch {
+      return null;
+    }
   }
 
   /**

@@ -31,6 +31,11 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async pread(buf: Buffer, offset: number): Promise<number> {
+    return this.preadNow(buf, offset) ?? 0;
+  }
+
+  /** Memory never makes a read wait: every read is done on the spot (never null). */
+  preadNow(buf: Buffer, offset: number): number | null {
     this.stats.reads++;
     if (offset >= this.length) return 0;
     const n = Math.min(buf.length, this.length - offset);

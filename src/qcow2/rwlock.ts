@@ -24,6 +24,21 @@ export class RwLock {
     } else {
       this.readers++;
     }
+    return this.sharedRelease();
+  }
+
+  /**
+   * A shared hold taken on the spot, or null when that would mean waiting (a
+   * writer holds the lock or is queued for it): the caller then waits with
+   * acquireShared() or shared().
+   */
+  tryShared(): (() => void) | null {
+    if (this.writer || this.queue.length > 0) return null;
+    this.readers++;
+    return this.sharedRelease();
+  }
+
+  private sharedRelease(): () => void {
     let held = true;
     return () => {
       if (!held) return;

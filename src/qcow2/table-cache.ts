@@ -37,13 +37,8 @@ export class TableCache {
   }
 
   async get(offset: number): Promise<Buffer> {
-    const slot = this.slots.get(offset);
-    if (slot) {
-      this.stats.hits++;
-      this.slots.delete(offset);
-      this.slots.set(offset, slot);
-      return slot.buf;
-    }
+    const cached = this.getCached(offset);
+    if (cached !== undefined) return cached;
     let p = this.loading.get(offset);
     if (!p) {
       this.stats.misses++;
@@ -76,7 +71,17 @@ export class TableCache {
     return buf;
   }
 
-  /** The cached table, if cached (no I/O). */
+  /** The cached table, used (a hit, and the most recently used table now); undefined when it is not cached. */
+  getCached(offset: number): Buffer | undefined {
+    const slot = this.slots.get(offset);
+    if (slot === undefined) return undefined;
+    this.stats.hits++;
+    this.slots.delete(offset);
+    this.slots.set(offset, slot);
+    return slot.buf;
+  }
+
+  /** The cached table, if cached (no I/O, not counted as a use). */
   peek(offset: number): Buffer | undefined {
     return this.slots.get(offset)?.buf;
   }

@@ -174,6 +174,46 @@ for (const mode of ['poll', 'threadpool'] as const) {
       expect(mfs.stats.soleReads).to.deep.equal(new Array(16).fill(mode === 'poll' ? true : undefined));
     });
 
+    it('answers a READ the filesystem serves on the spot (readNow) without read(), telling it when the read is alone', async () => {
+      const initial = randomBytes(MiB);
+      const m = await mountMemory({ directIo: true, readNow: 'serve' }, initial);
+      const got = await shOk(`dd if=${filePath(m)} bs=4k count=16 iflag=direct status=none | sha256sum`);
+      expect(got.split(' ')[0]).to.equal(createHash('sha256').update(initial.subarray(0, 64 * 1024)).digest('hex'));
+      expect(mfs.stats.reads, 'read() calls').to.equal(0);
+      // One direct read at a time: each is alone where the transport can tell (poll mode reads the device ahead).
+      expect(mfs.stats.readNows).to.deep.equal(new Array(16).fill(mode === 'poll'));
+      // An O_DIRECT 1 MiB read of a file opened without FOPEN_DIRECT_IO reaches the filesystem as 128 KiB
+      // requests sent at once (FUSE_ASYNC_DIO); they queue up while the first is being served, and those
+      // with others behind them are told so.
+      await cleanupMount(t);
+      mfs = new MemoryFs({ readNow: 'serve', readNowStallMs: 50 });
+      mfs.preload(0, initial);
+      const small = await mountForTest(mfs, { pollDevice: mode === 'poll', maxRequestBytes: 128 * 1024 });
+      t = small;
+      const all = await shOk(`dd if=${filePath(small)} bs=1M count=1 iflag=direct status=none | sha256sum`);
+      expect(all.split(' ')[0]).to.equal(createHash('sha256').update(initial).digest('hex'));
+      expect(mfs.stats.reads).to.equal(0);
+      expect(mfs.stats.readNows).to.have.length(8);
+      expect(mfs.stats.readNows, 'a read with others queued behind it may not block').to.include(false);
+      if (mode === 'poll') expect(mfs.stats.readNows[7], 'the last one is alone').to.equal(true);
+    });
+
+    it('calls read() for a READ the filesystem declines to serve on the spot, and maps what readNow throws to an errno', async () => {
+      const initial = randomBytes(MiB);
+      const m = await mountMemory({ directIo: true, readNow: 'decline' }, initial);
+      const got = await shOk(`dd if=${filePath(m)} bs=4k count=4 skip=3 iflag=direct status=none | sha256sum`);
+      expect(got.split(' ')[0]).to.equal(createHash('sha256').update(initial.subarray(12 * 1024, 28 * 1024)).digest('hex'));
+      expect([mfs.stats.readNows.length, mfs.stats.reads]).to.deep.equal([4, 4]);
+      await cleanupMount(t);
+      mfs = new MemoryFs({ directIo: true, readNow: 'throw' });
+      mfs.preload(0, initial);
+      t = await mountForTest(mfs, { pollDevice: mode === 'poll' });
+      const r = await sh(`dd if=${filePath(t)} bs=4k count=1 iflag=direct status=none of=/dev/null`);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr).to.match(/Invalid or incomplete multibyte or wide character/); // EILSEQ
+      expect(mfs.stats.reads).to.equal(0);
+    });
+
     it('passes 1 MiB reads and writes to the filesystem', async () => {
       const m = await mountMemory({ directIo: true, initialSize: 0 });
       const data = randomBytes(4 * MiB);

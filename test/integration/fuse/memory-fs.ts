@@ -27,6 +27,10 @@ export interface MemoryFsOptions {
   directIo?: boolean;
   /** Delay every read by this many ms (to observe concurrency). */
   readDelayMs?: number;
+  /** Answer readNow: serve the data, decline (the transport then calls read()), or throw. Unset: decline without counting. */
+  readNow?: 'serve' | 'decline' | 'throw';
+  /** The first readNow holds up the event loop this long (so that the requests sent meanwhile queue up). */
+  readNowStallMs?: number;
 }
 
 export interface MemoryFsStats {
@@ -38,6 +42,8 @@ export interface MemoryFsStats {
   peakInFlightReads: number;
   /** What ConnectionInfo.soleRequest said in each read, once the handler had yielded (as a real one has before its I/O). */
   soleReads: Array<boolean | undefined>;
+  /** `mayBlock` of each readNow call (when the option is set). */
+  readNows: boolean[];
   lseeks: Array<{ offset: number; whence: number; result: number | string }>;
   fallocates: Array<{ offset: number; length: number; mode: number }>;
   readdirs: number;
@@ -53,7 +59,7 @@ export class MemoryFs implements FuseFilesystem {
   /** Block index -> allocated (holes are blocks never written or punched). */
   readonly allocated = new Set<number>();
   readonly stats: MemoryFsStats = {
-    maxReadSize: 0, maxWriteSize: 0, reads: 0, writes: 0, inFlightReads: 0, peakInFlightReads: 0, soleReads: [],
+    maxReadSize: 0, maxWriteSize: 0, reads: 0, writes: 0, inFlightReads: 0, peakInFlightReads: 0, soleReads: [], readNows: [],
     lseeks: [], fallocates: [], readdirs: 0, destroyed: 0,
   };
   private mtimeMs = Date.now();
@@ -149,6 +155,22 @@ export class MemoryFs implements FuseFilesystem {
     } finally {
       this.stats.inFlightReads--;
     }
+  }
+
+  readNow(nodeid: NodeId, _fh: number, offset: number, size: number, into: Buffer, mayBlock: boolean): Buffer | null {
+    if (this.opts.readNow === undefined || nodeid !== this.fileIno) return null;
+    this.stats.readNows.push(mayBlock);
+    if (this.stats.readNows.length === 1 && this.opts.readNowStallMs) {
+      const until = Date.now() + this.opts.readNowStallMs;
+      while (Date.now() < until) { /* a handler busy on the spot */ }
+    }
+    if (this.opts.readNow === 'decline') return null;
+    if (this.opts.readNow === 'throw') throw new FuseErrno(E.EILSEQ, 'readNow refuses');
+    expect(into.length).to.be.at.least(size);
+    const end = Math.min(this.size, offset + size);
+    if (offset >= end) return into.subarray(0, 0);
+    this.data.copy(into, 0, offset, end);
+    return into.subarray(0, end - offset);
   }
 
   async write(_ctx: RequestContext, nodeid: NodeId, _fh: number, offset: number, data: Buffer): Promise<number> {

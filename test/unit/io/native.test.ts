@@ -496,6 +496,40 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     expect(fs.readFileSync(file).equals(data), 'the file after the writes and a flush').to.equal(true);
   });
 
+  it('preadNow: a cached range is read on the spot; a cold one only when it may block (and only a small one), else null and nothing read', async () => {
+    const { file, data } = coldFile(4 << 20);
+    const dev = await FileDevice.open(file, { readOnly: true });
+    try {
+      const a = Buffer.alloc(4096);
+      expect(dev.preadNow(a, 1 << 20, false), 'cold, may not block').to.equal(null);
+      expect(a.equals(Buffer.alloc(4096)), 'nothing read').to.equal(true);
+      expect(dev.preadNow(a, 1 << 20, true), 'cold, may block').to.equal(4096);
+      expect(a.equals(data.subarray(1 << 20, (1 << 20) + 4096))).to.equal(true);
+      // Now cached: read on the spot whatever the caller allows.
+      const b = Buffer.alloc(4096);
+      expect(dev.preadNow(b, 1 << 20, false)).to.equal(4096);
+      expect(b.equals(a)).to.equal(true);
+      // Larger than a blocking read may be: null when cold, even if the caller may block.
+      execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0'], { stdio: 'ignore' });
+      const c = Buffer.alloc(300000);
+      expect(dev.preadNow(c, 3 << 20, true)).to.equal(null);
+      expect(await dev.pread(c, 3 << 20)).to.equal(c.length);
+      expect(dev.preadNow(c, 3 << 20, false), 'cached by the read before').to.equal(c.length);
+      expect(c.equals(data.subarray(3 << 20, (3 << 20) + c.length))).to.equal(true);
+      // At the end of the file: the bytes there are, as pread() returns them.
+      const d = Buffer.alloc(8192);
+      expect(dev.preadNow(d, (4 << 20) - 4096, true)).to.equal(4096);
+      expect(d.subarray(0, 4096).equals(data.subarray((4 << 20) - 4096))).to.equal(true);
+      expect(dev.preadNow(Buffer.alloc(0), 0, false)).to.equal(0);
+      // A failed read is left to pread(), which reports it.
+      await dev.close();
+      expect(dev.preadNow(Buffer.alloc(4096), 0, true)).to.equal(null);
+      expect(await dev.pread(Buffer.alloc(4096), 0).then(() => null, (e: unknown) => e)).to.be.instanceOf(Error);
+    } finally {
+      await dev.close().catch(() => undefined);
+    }
+  });
+
   it('blockingReads: a small read is made on the spot while the owner says so, else it completes later', async () => {
     const { file, data } = coldFile(4 << 20);
     let sole = true;
