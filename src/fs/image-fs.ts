@@ -13,6 +13,7 @@ import {
   FALLOC_FL_ZERO_RANGE, ConnectionInfo, FileSlices,
 } from '../fuse/filesystem';
 import { FileBackend } from './backend';
+import { DirectReadAhead } from './read-ahead';
 
 const E = constants.errno;
 const S_IFDIR = 0o040000;
@@ -68,6 +69,7 @@ export class ImageFs implements FuseFilesystem {
   private nextFh = 1;
   private readonly startMs = Date.now();
   private conn: ConnectionInfo | null = null;
+  private readonly readAhead = new DirectReadAhead();
 
   constructor(files: MountedFile[], private readonly opts: ImageFsOptions) {
     if (opts.rootIsFile && files.length !== 1) throw new Error('a mount over a file serves exactly one image');
@@ -195,7 +197,12 @@ export class ImageFs implements FuseFilesystem {
     const now = Date.now();
     if (ch.size !== undefined && ch.size !== n.file.backend.size()) {
       if (n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
-      await n.file.backend.resize(ch.size);
+      this.readAhead.changed();
+      try {
+        await n.file.backend.resize(ch.size);
+      } finally {
+        this.readAhead.changed();
+      }
       n.mtimeMs = n.ctimeMs = now;
       await this.dropWithdrawn();
     }
@@ -260,12 +267,18 @@ export class ImageFs implements FuseFilesystem {
   }
 
   readNow(nodeid: NodeId, _fh: FileHandle, offset: number, size: number, into: Buffer, mayBlock: boolean): Buffer | null {
-    const b = this.nodes.get(nodeid)?.file.backend;
-    if (b?.readNow === undefined) return null;
+    const n = this.nodes.get(nodeid);
+    const b = n?.file.backend;
+    if (n === undefined || b?.readNow === undefined) return null;
     const end = Math.min(offset + size, b.size());
-    if (end <= offset || into.length < end - offset) return null;
-    const buf = into.subarray(0, end - offset);
-    return b.readNow(buf, offset, mayBlock) ? buf : null;
+    const length = end - offset;
+    if (length <= 0 || into.length < length) return null;
+    // Direct-I/O files: the kernel reads nothing ahead of them, so this does (see DirectReadAhead).
+    const ahead = n.file.directIo ? this.readAhead.take(n, offset, length) : null;
+    const buf = ahead ?? into.subarray(0, length);
+    if (ahead === null && !b.readNow(buf, offset, mayBlock)) return null;
+    if (n.file.directIo) this.readAhead.follow(n, b, offset, length);
+    return buf;
   }
 
   async readSlices(_ctx: RequestContext, nodeid: NodeId, _fh: FileHandle, offset: number, size: number): Promise<FileSlices | null> {
@@ -279,8 +292,13 @@ export class ImageFs implements FuseFilesystem {
     const n = this.node(nodeid);
     const b = n.file.backend;
     if (b.readOnly) throw new FuseErrno(E.EROFS);
-    if (offset + data.length > b.size()) await b.resize(offset + data.length);
-    await b.write(data, offset);
+    this.readAhead.changed();
+    try {
+      if (offset + data.length > b.size()) await b.resize(offset + data.length);
+      await b.write(data, offset);
+    } finally {
+      this.readAhead.changed();
+    }
     n.mtimeMs = n.ctimeMs = Date.now();
     await this.invalidateAliases(n, offset, data.length);
     return data.length;
@@ -372,6 +390,16 @@ export class ImageFs implements FuseFilesystem {
     const keepSize = (mode & FALLOC_FL_KEEP_SIZE) !== 0;
     const known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
     if (mode & ~known) throw new FuseErrno(E.EOPNOTSUPP);
+    this.readAhead.changed();
+    try {
+      await this.allocate(n, b, offset, length, mode, keepSize);
+    } finally {
+      this.readAhead.changed();
+    }
+    n.mtimeMs = n.ctimeMs = Date.now();
+  }
+
+  private async allocate(n: Node, b: FileBackend, offset: number, length: number, mode: number, keepSize: boolean): Promise<void> {
     const end = offset + length;
     if (mode & FALLOC_FL_PUNCH_HOLE) {
       if (!keepSize) throw new FuseErrno(E.EINVAL); // PUNCH_HOLE must come with KEEP_SIZE (fallocate(2))
@@ -388,6 +416,5 @@ export class ImageFs implements FuseFilesystem {
       await b.resize(end);
       await this.dropWithdrawn();
     }
-    n.mtimeMs = n.ctimeMs = Date.now();
   }
 }

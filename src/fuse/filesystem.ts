@@ -176,7 +176,9 @@ export interface FuseFilesystem {
   read(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, size: number, into?: Buffer): Promise<Buffer>;
   /**
    * read(), answered before returning when that needs no waiting: the data
-   * (a view of `into`, which holds at least `size` bytes), or null when it
+   * (a view of `into`, which holds at least `size` bytes, or of a buffer of
+   * the filesystem's own that it leaves untouched until the event loop's
+   * next turn: the transport writes the reply before that), or null when it
    * cannot be had at once, and the transport then calls read(). `mayBlock`:
    * nothing else waits to be served, so a short wait for the disk is allowed.
    * Errors are thrown, as read() rejects with them. The transport asks this

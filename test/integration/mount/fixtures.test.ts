@@ -361,6 +361,48 @@ describe('qcowfs mount: images read through a real mount', function () {
     expect(isMounted(mnt)).to.equal(false);
   });
 
+  it('--direct-io: a sequential reader reads what was written, truncated or punched just ahead of it (read-ahead forgets it)', () => {
+    const img = sb.path('ahead.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '8M');
+    qemuIo(img, ['write -P 7 0 8M']);
+    sb.mount('--direct-io', img, mnt);
+    const raw = path.join(mnt, 'ahead.raw');
+    // 128 KiB reads in order, as cp makes them; before some of them, another descriptor changes
+    // the piece about to be read (by then read ahead): a write, a punched hole, a shrink and regrowth.
+    run('python3', ['-c', [
+      'import os, sys, time',
+      'P = 128 * 1024',
+      'r = os.open(sys.argv[1], os.O_RDONLY)',
+      'w = os.open(sys.argv[1], os.O_WRONLY)',
+      'FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2',
+      'import ctypes',
+      'libc = ctypes.CDLL(None, use_errno=True)',
+      'libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]',
+      'want = bytearray(b"\x07" * (8 << 20))',
+      'for i in range(64):',
+      '    at = i * P',
+      '    if i % 8 == 3:',
+      '        time.sleep(0.01)',
+      '        os.pwrite(w, b"W" * 1000, at + 500); want[at + 500:at + 1500] = b"W" * 1000',
+      '    elif i % 8 == 5:',
+      '        time.sleep(0.01)',
+      '        assert libc.fallocate(w, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, at, P) == 0, ctypes.get_errno()',
+      '        want[at:at + P] = bytes(P)',
+      '    elif i == 62:',
+      '        time.sleep(0.01)',
+      '        os.ftruncate(w, at); os.ftruncate(w, 8 << 20); want[at:] = bytes(len(want) - at)',
+      '    got = os.pread(r, P, at)',
+      '    assert got == bytes(want[at:at + P]), i',
+      'open(sys.argv[2], "wb").write(want)',
+    ].join('\n'), raw, sb.path('ahead.want')]);
+    const want = fs.readFileSync(sb.path('ahead.want'));
+    sb.unmount(mnt);
+    expectCheckClean(img);
+    const after = fs.readFileSync(qemuConvertRaw(img, sb.path('ahead.after')));
+    expect(after.length).to.equal(8 << 20);
+    expect(crypto.createHash('sha256').update(after).digest('hex')).to.equal(crypto.createHash('sha256').update(want).digest('hex'));
+  });
+
   it('--snapshot NAME serves an internal snapshot, read-only; --snapshots serves them beside the image', () => {
     const img = sb.path('snap.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '8M');
