@@ -23,6 +23,8 @@ const BIN = path.join(ROOT, 'bin/qcowfs');
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
+const tibName = '1 TiB sparse image, mount + 64 MiB read';
+
 const WORKLOADS = ['seqread', 'randread', 'seqwrite', 'ddwrite', 'randwrite', 'sparse', 'compressed', 'ext4', 'memory'] as const;
 type Workload = (typeof WORKLOADS)[number];
 
@@ -48,21 +50,61 @@ function parseArgs(argv: string[]): Args {
   return a;
 }
 
-function sh(cmd: string, args: string[], opts: { input?: string; allowFail?: boolean } = {}): string {
+/**
+ * The commands each workload ran, as RESULTS.md lists them: recorded as they
+ * run (not written out by hand beside the code), each once per workload, with
+ * the run's scratch directory written $WORK and its random names XXXXXX.
+ */
+const commands = {
+  /** The workload now running ("" before any: making the images). */
+  section: '',
+  /** True while a timed stretch runs: its commands are marked. */
+  timing: false,
+  /** The run's scratch directory, written $WORK. */
+  work: '',
+  /** The file being measured (a server's file, or the raw twin), written $FILE. */
+  file: '',
+  bySection: new Map<string, string[]>(),
+};
+
+function quote(arg: string): string {
+  return /^[\w@%+=:,./$-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, `'\\''`)}'`;
+}
+
+/** Note a command line of the current workload (once, however many runs repeat it). */
+function record(line: string): void {
+  let l = line;
+  if (commands.file !== '') l = l.split(commands.file).join('$FILE');
+  if (commands.work !== '') l = l.split(commands.work).join('$WORK');
+  l = l.split(`${process.execPath} ${BIN}`).join('bin/qcowfs').replace(/\b(qcowfs-mnt|qsd-mnt|ext4)-[A-Za-z0-9]{6}\b/g, '$1-XXXXXX').replace(/\/dev\/loop\d+/g, '/dev/loopN');
+  if (commands.timing) l += '    # timed';
+  let list = commands.bySection.get(commands.section);
+  if (list === undefined) commands.bySection.set(commands.section, (list = []));
+  if (!list.includes(l)) list.push(l);
+}
+
+function sh(cmd: string, args: string[], opts: { input?: string; allowFail?: boolean; quiet?: boolean } = {}): string {
+  if (!opts.quiet) record([cmd, ...args].map(quote).join(' '));
   const r = spawnSync(cmd, args, { input: opts.input, encoding: 'utf8', maxBuffer: 64 * MiB });
   if (r.status !== 0 && !opts.allowFail) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.error?.message}`);
   return r.stdout;
 }
 
 function dropCaches(): void {
+  record('sync; echo 3 > /proc/sys/vm/drop_caches');
   spawnSync('sync');
   fs.writeFileSync('/proc/sys/vm/drop_caches', '3\n');
 }
 
 function seconds(fn: () => void): number {
-  const t = process.hrtime.bigint();
-  fn();
-  return Number(process.hrtime.bigint() - t) / 1e9;
+  commands.timing = true;
+  try {
+    const t = process.hrtime.bigint();
+    fn();
+    return Number(process.hrtime.bigint() - t) / 1e9;
+  } finally {
+    commands.timing = false;
+  }
 }
 
 /** Which server goes first alternates from run to run, so neither always inherits the other's after-effects. */
@@ -101,7 +143,7 @@ interface Served { file: string; pid: number; stop(): void }
 function serveQcowfs(image: string, dir: string, extra: string[] = []): Served {
   const mnt = fs.mkdtempSync(path.join(dir, 'qcowfs-mnt-'));
   sh(process.execPath, [BIN, 'mount', ...extra, image, mnt]);
-  const rec = JSON.parse(sh(process.execPath, ['-e', `const s=require(${JSON.stringify(path.join(ROOT, 'dist/src/cli/state.js'))});process.stdout.write(JSON.stringify(s.readRecord(${JSON.stringify(mnt)})))`])) as { pid: number };
+  const rec = JSON.parse(sh(process.execPath, ['-e', `const s=require(${JSON.stringify(path.join(ROOT, 'dist/src/cli/state.js'))});process.stdout.write(JSON.stringify(s.readRecord(${JSON.stringify(mnt)})))`], { quiet: true })) as { pid: number };
   const base = path.basename(image).replace(/\.[^.]*$/, '');
   return {
     file: path.join(mnt, `${base}.raw`),
@@ -117,17 +159,20 @@ function serveQcowfs(image: string, dir: string, extra: string[] = []): Served {
 function serveQemu(image: string, dir: string): Served {
   const file = path.join(fs.mkdtempSync(path.join(dir, 'qsd-mnt-')), 'disk.raw');
   fs.writeFileSync(file, '');
-  const child: ChildProcess = spawn('qemu-storage-daemon', [
+  const args = [
     '--blockdev', `driver=file,node-name=file0,filename=${image},cache.direct=off`,
     '--blockdev', 'driver=qcow2,node-name=fmt0,file=file0',
     '--export', `type=fuse,id=exp0,node-name=fmt0,mountpoint=${file},writable=on,growable=off`,
-  ], { stdio: ['ignore', 'ignore', 'inherit'] });
+  ];
+  record(`touch ${file}; ${['qemu-storage-daemon', ...args].map(quote).join(' ')} &`);
+  const child: ChildProcess = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'inherit'] });
   for (let i = 0; i < 200 && !isMounted(file); i++) sleep(50);
   if (!isMounted(file)) throw new Error('qemu-storage-daemon did not mount its export');
   return {
     file,
     pid: child.pid!,
     stop: () => {
+      record('kill -TERM $QSD_PID');
       child.kill('SIGTERM');
       for (let i = 0; i < 200 && isMounted(file); i++) sleep(50);
       if (isMounted(file)) sh('umount', ['-l', file], { allowFail: true });
@@ -137,6 +182,16 @@ function serveQemu(image: string, dir: string): Served {
       fs.rmSync(path.dirname(file), { recursive: true, force: true });
     },
   };
+}
+
+/** Run fn, measuring `s`: its file is written $FILE in the commands recorded meanwhile. */
+function measuring<T>(s: Served, fn: () => T): T {
+  commands.file = s.file;
+  try {
+    return fn();
+  } finally {
+    commands.file = '';
+  }
 }
 
 function serveRaw(rawFile: string): Served {
@@ -189,6 +244,8 @@ function main(): void {
   preflight();
   const want = (w: Workload): boolean => a.only === null || a.only.has(w);
   const work = fs.mkdtempSync(path.join('/var/tmp', 'qcowfs-bench-'));
+  commands.work = work;
+  commands.section = 'images';
   const rows: Row[] = [];
   const log = (s: string) => process.stderr.write(`${s}\n`);
   const size = Math.round(a.sizeGiB * GiB / MiB) * MiB;
@@ -213,16 +270,20 @@ function main(): void {
     // `withRaw` as a function makes a fresh raw file for every run.
     const measure = (name: string, unit: string, higherIsBetter: boolean, withRaw: boolean | (() => string), run: (s: Served, kind: string) => number, image: string | (() => string) = full, qcowfsArgs: string[] = []) => {
       const res: Record<string, number[]> = { qcowfs: [], qemu: [], raw: [] };
+      commands.section = name;
       for (let r = 0; r < a.runs; r++) {
         for (const kind of order(r)) {
           const s = serve(kind, typeof image === 'string' ? image : image(), qcowfsArgs);
           try {
-            res[kind].push(run(s, kind));
+            res[kind].push(measuring(s, () => run(s, kind)));
           } finally {
             stop(s);
           }
         }
-        if (withRaw) res.raw.push(run(serveRaw(typeof withRaw === 'function' ? withRaw() : raw), 'raw'));
+        if (withRaw) {
+          const s = serveRaw(typeof withRaw === 'function' ? withRaw() : raw);
+          res.raw.push(measuring(s, () => run(s, 'raw')));
+        }
       }
       const row: Row = { name, unit, qcowfs: median(res.qcowfs), qemu: median(res.qemu), higherIsBetter, ...(withRaw ? { raw: median(res.raw) } : {}), runs: res };
       rows.push(row);
@@ -261,11 +322,19 @@ function main(): void {
       sh('qemu-img', ['create', '-q', '-f', 'qcow2', p, String(size)]);
       return p;
     };
+    const seqWriteName = `sequential write ${writeSize / MiB} MiB + fsync`;
+    const ddWriteName = `dd ${writeSize / MiB} MiB into a fresh image, conv=fsync (write-only open)`;
+    const randWriteName = 'random write 4K + fsync';
+    // Listed in the order of their rows, though dd's source is made first.
+    for (const [w, name] of [['seqwrite', seqWriteName], ['ddwrite', ddWriteName], ['randwrite', randWriteName]] as const) {
+      if (want(w)) commands.bySection.set(name, []);
+    }
     const res3: Record<string, number[]> = { qcowfs: [], qemu: [] };
     const res4: Record<string, number[]> = { qcowfs: [], qemu: [] };
     const res3dd: Record<string, number[]> = { qcowfs: [], qemu: [] };
     // dd's source: random bytes, read once so that the page cache serves them to every run.
     const ddSource = path.join(work, 'dd-source.bin');
+    commands.section = ddWriteName;
     if (want('ddwrite')) {
       sh('fio', ['--name=src', `--filename=${ddSource}`, `--size=${writeSize}`, '--rw=write', '--bs=1M', '--refill_buffers=1', '--output=/dev/null']);
       sh('dd', [`if=${ddSource}`, 'of=/dev/null', 'bs=1M', 'status=none']);
@@ -273,35 +342,40 @@ function main(): void {
     const once = (kind: 'qcowfs' | 'qemu', run: (s: Served) => void): void => {
       const s = serve(kind, fresh());
       try {
-        run(s);
+        measuring(s, () => run(s));
       } finally {
         stop(s);
       }
     };
     for (let r = 0; r < a.runs; r++) {
       for (const kind of order(r)) {
+        commands.section = seqWriteName;
         if (want('seqwrite')) once(kind, (s) => {
           const t = seconds(() => sh('fio', ['--name=w', `--filename=${s.file}`, '--rw=write', '--bs=1M', `--size=${writeSize}`, '--end_fsync=1', '--ioengine=psync', '--output=/dev/null']));
           res3[kind].push(writeSize / t / 1e6);
           peak[`seqwrite-${kind}`] = Math.max(peak[`seqwrite-${kind}`] ?? 0, peakRssMiB(s.pid));
         });
         // The same write as a user copies an image in: dd opens the file write-only.
+        commands.section = ddWriteName;
         if (want('ddwrite')) once(kind, (s) => {
           const t = seconds(() => sh('dd', [`if=${ddSource}`, `of=${s.file}`, 'bs=1M', 'conv=notrunc,fsync', 'status=none']));
           res3dd[kind].push(writeSize / t / 1e6);
         });
+        commands.section = randWriteName;
         if (want('randwrite')) once(kind, (s) => {
           res4[kind].push(fio(s.file, ['--rw=randwrite', '--bs=4k', '--ioengine=psync', `--size=${Math.min(256 * MiB, size)}`, '--time_based', `--runtime=${a.seconds}`, '--end_fsync=1']).iops);
         });
       }
     }
-    if (want('seqwrite')) rows.push({ name: `sequential write ${writeSize / MiB} MiB + fsync`, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true, runs: res3 });
-    if (want('ddwrite')) rows.push({ name: `dd ${writeSize / MiB} MiB into a fresh image, conv=fsync (write-only open)`, unit: 'MB/s', qcowfs: median(res3dd.qcowfs), qemu: median(res3dd.qemu), higherIsBetter: true, runs: res3dd });
-    if (want('randwrite')) rows.push({ name: 'random write 4K + fsync', unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true, runs: res4 });
+    if (want('seqwrite')) rows.push({ name: seqWriteName, unit: 'MB/s', qcowfs: median(res3.qcowfs), qemu: median(res3.qemu), higherIsBetter: true, runs: res3 });
+    if (want('ddwrite')) rows.push({ name: ddWriteName, unit: 'MB/s', qcowfs: median(res3dd.qcowfs), qemu: median(res3dd.qemu), higherIsBetter: true, runs: res3dd });
+    if (want('randwrite')) rows.push({ name: randWriteName, unit: 'IOPS', qcowfs: median(res4.qcowfs), qemu: median(res4.qemu), higherIsBetter: true, runs: res4 });
     log(`writes: ${JSON.stringify({ res3, res3dd, res4 })}`);
     fs.rmSync(ddSource, { force: true });
     // 5. cp --sparse=always of a 64 GiB image holding 256 MiB of data.
     if (want('sparse')) {
+      const sparseName = 'cp --sparse=always, 64 GiB with 256 MiB data';
+      commands.section = sparseName;
       const sparse = path.join(work, 'sparse.qcow2');
       sh('qemu-img', ['create', '-q', '-f', 'qcow2', sparse, '64G']);
       const cmds: string[] = [];
@@ -315,9 +389,9 @@ function main(): void {
         fs.rmSync(out, { force: true });
         return t;
       };
-      measure('cp --sparse=always, 64 GiB with 256 MiB data', 's', false, false, copy, sparse);
+      measure(sparseName, 's', false, false, copy, sparse);
       // The same copy with no kernel page cache above qcowfs (QEMU's export keeps its cache).
-      measure('cp --sparse=always, 64 GiB with 256 MiB data, qcowfs --direct-io', 's', false, false, copy, sparse, ['--direct-io']);
+      measure(`${sparseName}, qcowfs --direct-io`, 's', false, false, copy, sparse, ['--direct-io']);
     }
     // 6. Sequential read of a compressed image.
     if (want('compressed')) measure('sequential read, zlib-compressed image', 'MB/s', true, false, (s) => {
@@ -329,6 +403,8 @@ function main(): void {
     if (want('ext4')) {
       const tree = path.join(work, 'tree');
       const files = a.quick ? 500 : 3000;
+      const ext4Name = `ext4 on loop: untar ${files} files, sync, read back`;
+      commands.section = ext4Name;
       for (let d = 0; d < files / 100; d++) {
         fs.mkdirSync(path.join(tree, `d${d}`), { recursive: true });
         for (let f = 0; f < 100; f++) fs.writeFileSync(path.join(tree, `d${d}`, `f${f}`), Buffer.alloc(1024 + ((d * 100 + f) % 16) * 512, d + f));
@@ -344,7 +420,7 @@ function main(): void {
         fs.truncateSync(p, size);
         return p;
       };
-      measure(`ext4 on loop: untar ${files} files, sync, read back`, 's', false, freshRaw, (s) => {
+      measure(ext4Name, 's', false, freshRaw, (s) => {
         const loop = sh('losetup', ['--find', '--show', s.file]).trim();
         const m = fs.mkdtempSync(path.join(work, 'ext4-'));
         try {
@@ -367,12 +443,13 @@ function main(): void {
     }
     // 8. Peak memory on a 1 TiB sparse image.
     if (want('memory')) {
+      commands.section = tibName;
       const tib = path.join(work, 'tib.qcow2');
       sh('qemu-img', ['create', '-q', '-f', 'qcow2', tib, '1T']);
       for (const kind of ['qcowfs', 'qemu'] as const) {
         const s = serve(kind, tib);
         try {
-          sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', 'count=64', 'skip=500000']);
+          measuring(s, () => sh('dd', [`if=${s.file}`, 'of=/dev/null', 'bs=1M', 'count=64', 'skip=500000']));
           peak[`tib-${kind}`] = peakRssMiB(s.pid);
         } finally {
           stop(s);
@@ -415,7 +492,7 @@ function ahead(r: Row): string {
 }
 
 function report(a: Args, rows: Row[], peak: Record<string, number>, touch: { first: number; again: number }): string {
-  const v = (cmd: string, args: string[]) => sh(cmd, args, { allowFail: true }).split('\n')[0].trim();
+  const v = (cmd: string, args: string[]) => sh(cmd, args, { allowFail: true, quiet: true }).split('\n')[0].trim();
   const fmt = (n: number) => (n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2));
   const lines = [
     '# qcowfs benchmark',
@@ -456,12 +533,26 @@ function report(a: Args, rows: Row[], peak: Record<string, number>, touch: { fir
   for (const r of rows) lines.push(`| ${r.name} | ${list(r.runs.qcowfs)} | ${list(r.runs.qemu)} | ${list(r.runs.raw)} |`);
   lines.push('');
   lines.push('| daemon peak RSS (VmHWM) | qcowfs MiB | QEMU MiB |', '|---|---:|---:|');
-  for (const [label, key] of [['sequential read', 'seqread'], ['sequential write', 'seqwrite'], ['1 TiB sparse image, mount + 64 MiB read', 'tib']]) {
+  for (const [label, key] of [['sequential read', 'seqread'], ['sequential write', 'seqwrite'], [tibName, 'tib']]) {
     if (peak[`${key}-qcowfs`] === undefined) continue; // not run (--only)
     lines.push(`| ${label} | ${fmt(peak[`${key}-qcowfs`])} | ${fmt(peak[`${key}-qemu`] ?? NaN)} |`);
   }
   lines.push('');
-  return lines.join('\n') + '\n';
+  lines.push(
+    '## Commands',
+    '',
+    'As run, for each workload, each command once, where it first ran: every run repeats them, the two',
+    'servers alternating who goes first, and the commands on $FILE run for each server and the raw column.',
+    '$FILE is the file measured: the raw file of the qcowfs mount, the file QEMU\'s export mounts over, or',
+    'for the raw column the same bytes as a raw file ($WORK/full.raw; for ext4 a new sparse $WORK/fresh.raw).',
+    '$WORK is the run\'s scratch directory under /var/tmp, XXXXXX a random name; `# timed` marks what the',
+    'figure times (fio reports its own IOPS). The peak RSS is VmHWM of the daemon\'s /proc/PID/status.',
+    '',
+  );
+  for (const [section, list] of commands.bySection) {
+    lines.push(`### ${section}`, '', '```', ...list, '```', '');
+  }
+  return lines.join('\n').replace(/\n+$/, '') + '\n';
 }
 
 main();
