@@ -21,6 +21,8 @@ const S_IFREG = 0o100000;
 const O_ACCMODE = 3;
 const O_RDONLY = 0;
 const O_WRONLY = 1;
+/** open(2) for a reference to a file that reads nothing (Linux; Node has no constant for it). */
+const O_PATH = 0o10000000;
 /** Attributes change only through us, so the kernel may cache them a while. */
 const ATTR_TIMEOUT_MS = 1000;
 
@@ -28,7 +30,13 @@ export interface MountedFile {
   /** File name in the mount directory (ignored when the root is the file). */
   name: string;
   backend: FileBackend;
-  /** Where statfs numbers come from (the image's directory). */
+  /**
+   * The image on the host: its times seed the file's, and its file system
+   * gives statfs its numbers. Opened when the filesystem is made, before
+   * anything is mounted: the mount may cover it (a mount over the image
+   * itself, or over its directory), and a lookup of it then would come back
+   * to this filesystem and wait on itself.
+   */
   hostPath: string;
   /** Bypass the page cache, so every read and write reaches the backend. */
   directIo?: boolean;
@@ -70,6 +78,8 @@ export class ImageFs implements FuseFilesystem {
   private readonly startMs = Date.now();
   private conn: ConnectionInfo | null = null;
   private readonly readAhead = new DirectReadAhead();
+  /** O_PATH descriptors of the images on the host, by path (see MountedFile.hostPath); -1 if it could not be opened. */
+  private readonly hostRefs = new Map<string, number>();
 
   constructor(files: MountedFile[], private readonly opts: ImageFsOptions) {
     if (opts.rootIsFile && files.length !== 1) throw new Error('a mount over a file serves exactly one image');
@@ -83,6 +93,15 @@ export class ImageFs implements FuseFilesystem {
         st = fs.statSync(file.hostPath);
       } catch {
         st = null;
+      }
+      if (!this.hostRefs.has(file.hostPath)) {
+        let fd = -1;
+        try {
+          fd = fs.openSync(file.hostPath, O_PATH);
+        } catch {
+          fd = -1; // statfs then reports nothing of the host
+        }
+        this.hostRefs.set(file.hostPath, fd);
       }
       const node: Node = {
         nodeid,
@@ -118,6 +137,8 @@ export class ImageFs implements FuseFilesystem {
 
   async destroy(): Promise<void> {
     await this.flushAll();
+    for (const fd of this.hostRefs.values()) if (fd >= 0) fs.closeSync(fd);
+    this.hostRefs.clear();
   }
 
   /** Flush every writable backend. */
@@ -229,9 +250,11 @@ export class ImageFs implements FuseFilesystem {
     let blocks = 0;
     let bfree = 0;
     let bavail = 0;
-    if (file) {
+    const ref = file ? this.hostRefs.get(file.hostPath) ?? -1 : -1;
+    if (ref >= 0) {
       try {
-        const s = fs.statfsSync(file.hostPath);
+        // Through the descriptor's /proc link, which leads to the open file without a lookup of its path.
+        const s = fs.statfsSync(`/proc/self/fd/${ref}`);
         bsize = s.bsize;
         blocks = s.blocks;
         bfree = s.bfree;

@@ -5,7 +5,7 @@
  * and the errors a user meets first are one line, with no stack trace.
  */
 import { expect } from 'chai';
-import { spawn } from 'child_process';
+import { spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
 import { qemuImg, qemuIo, qemuCheck, qemuRaw, run } from '../../helpers/qemu';
@@ -151,6 +151,55 @@ describe('qcowfs mount: the daemon starts, stops, and is killed', function () {
     fs.closeSync(fd);
     expect(b.equals(Buffer.alloc(4096, 3))).to.equal(true);
     sb.unmount(mnt);
+    expectCheckClean(img);
+  });
+
+  /**
+   * `stat -f` of a mountpoint. If it has not answered in 10 s (the daemon waiting on its own
+   * mount), the mount's FUSE connection is aborted: that ends the wait (a signal cannot: the
+   * request is already with the daemon), and the cleanup does not hang too.
+   */
+  async function statfsOf(mountpoint: string): Promise<{ blocks: number; bsize: number }> {
+    const child = spawn('stat', ['-f', '-c', '%b %S', mountpoint], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
+    const code = await Promise.race([exited, sleep(10_000).then(() => 'timeout' as const)]);
+    if (code === 'timeout') {
+      const line = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === mountpoint);
+      const minor = line?.split(' ')[2].split(':')[1];
+      if (!fs.existsSync('/sys/fs/fuse/connections/')) spawnSync('mount', ['-t', 'fusectl', 'none', '/sys/fs/fuse/connections']);
+      if (minor !== undefined) fs.writeFileSync(`/sys/fs/fuse/connections/${minor}/abort`, '1');
+      await exited;
+      expect.fail(`stat -f ${mountpoint} did not answer in 10 s`);
+    }
+    expect(code, `stat -f ${mountpoint}`).to.equal(0);
+    const [blocks, bsize] = out.trim().split(' ').map(Number);
+    return { blocks, bsize };
+  }
+
+  it('a mount over the image itself, or over its directory, answers statfs with the host\'s numbers and unmounts', async () => {
+    const dir = sb.mkdir('covered');
+    const host = await statfsOf(dir);
+    expect(host.blocks).to.be.greaterThan(0);
+    // Over the image file itself, as QEMU's FUSE export is often used.
+    const img = path.join(dir, 'self.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '8M');
+    qemuIo(img, ['write -P 7 0 64k']);
+    sb.mount(img, img);
+    expect(await statfsOf(img)).to.deep.equal(host);
+    const b = Buffer.alloc(65536);
+    const fd = fs.openSync(img, 'r');
+    fs.readSync(fd, b, 0, b.length, 0);
+    fs.closeSync(fd);
+    expect(b.equals(Buffer.alloc(65536, 7)), 'the image, read through the mount over it').to.equal(true);
+    sb.unmount(img);
+    expectCheckClean(img);
+    // Over the directory that holds the image.
+    sb.mount(img, dir);
+    expect(await statfsOf(dir)).to.deep.equal(host);
+    expect(fs.readdirSync(dir)).to.deep.equal(['self.raw']);
+    sb.unmount(dir);
     expectCheckClean(img);
   });
 
