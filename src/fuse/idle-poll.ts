@@ -61,10 +61,14 @@ export class IdlePoll {
    * fifth when every request was followed by polling, while random 4 KiB
    * writes into the host's cache gained half again and more, and so did
    * `cp` of 128 KiB reads with --direct-io once their copying was allowed for).
+   * `timed` false: the request did not wait for the disk, however long it
+   * took (a WRITE, which only copies into the host's page cache: on a slow
+   * day half of the 4 KiB writes of a dd took over 32 us, and polling, shut
+   * off after each, no longer caught the next).
    */
-  idle(started: number, bytes = 0): void {
+  idle(started: number, bytes = 0, timed = true): void {
     const t = this.now();
-    if (t - started > IDLE_POLL_MAX_SERVICE_MS + bytes / IDLE_POLL_COPY_BYTES_PER_MS) {
+    if (timed && t - started > IDLE_POLL_MAX_SERVICE_MS + bytes / IDLE_POLL_COPY_BYTES_PER_MS) {
       this.idleSince = -1;
       return;
     }

@@ -53,7 +53,7 @@ import { performance } from 'perf_hooks';
 import {
   FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION,
   FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
-  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, FUSE_READ, opcodeName, OPCODES,
+  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, FUSE_READ, FUSE_WRITE, opcodeName, OPCODES,
 } from './abi';
 import { IdlePoll, IDLE_POLL_MAX_US } from './idle-poll';
 import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest, type ReadRequest } from './decode';
@@ -595,7 +595,8 @@ export class FuseSession {
       this.replyError(p, E.EIO);
     }
     this.pending.delete(p.unique);
-    if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(p.started, p.bytes);
+    // A WRITE lands in the host's page cache: however long it took, it did not wait for the disk.
+    if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(p.started, p.bytes, p.opcode !== FUSE_WRITE);
     this.unpark();
   }
 

@@ -51,20 +51,27 @@ describe('qcowfs mount: idle polling between requests', function () {
     // polled, 130-1100 times (a write that starts writeback behind it takes longer than polling
     // follows). A busy machine hides the difference (the daemon, preempted, finds the
     // next write already queued and need not sleep), so a run where the unpolled daemon slept
-    // before fewer than half of the writes says nothing and is taken again, up to three times.
+    // before fewer than half of the writes says nothing. A host whose writes slow down (writeback
+    // of what the tests before left behind) can make most writes take longer than polling
+    // follows, and the polled daemon sleeps too (2576 of 4000 seen once, in a full suite run).
+    // So the pair is taken up to three times, and one clear run is enough: polled, fewer than half
+    // the sleeps unpolled and fewer than a quarter of the writes. Unpolled runs seen went down
+    // to 1936 sleeps, so with polling broken, no run would be clear.
     const images: string[] = [];
     let seen = '';
-    let decided = false;
-    for (let attempt = 0; attempt < 3 && !decided; attempt++) {
+    let decided = 0;
+    let polledLess = false;
+    for (let attempt = 0; attempt < 3 && !polledLess; attempt++) {
       const polled = sleepsDuringWrites([]);
       const unpolled = sleepsDuringWrites(['--idle-poll', '0']);
       images.push(polled.img, unpolled.img);
       seen += ` ${polled.sleeps}/${unpolled.sleeps}`;
       if (unpolled.sleeps < WRITES / 2) continue;
-      decided = true;
-      expect(polled.sleeps, `sleeps with polling, against ${unpolled.sleeps} without`).to.be.lessThan(unpolled.sleeps / 2);
+      decided++;
+      polledLess = polled.sleeps < unpolled.sleeps / 2 && polled.sleeps < WRITES / 4;
     }
-    expect(decided, `the machine was too busy to tell (sleeps polled/unpolled:${seen})`).to.equal(true);
+    expect(decided, `the machine was too busy to tell (sleeps polled/unpolled:${seen})`).to.be.greaterThan(0);
+    expect(polledLess, `polling never cut the sleeps to under half, and under a quarter of the writes (polled/unpolled:${seen})`).to.equal(true);
     // What was written is what QEMU reads back.
     const zeroes = crypto.createHash('sha256').update(Buffer.alloc(WRITES * 4096)).digest('hex');
     for (const img of images) {

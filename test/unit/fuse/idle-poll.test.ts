@@ -130,6 +130,17 @@ describe('IdlePoll: adaptive polling between requests', () => {
     expect(h.queued()).to.equal(0);
   });
 
+  it('polls after a request that did not wait for the disk (a write), however long it took', () => {
+    const h = withWindow(0.03);
+    const started = h.t();
+    h.advance(0.1); // a slow copy into the host's page cache
+    h.poll.idle(started, 4096, false);
+    expect(h.queued()).to.equal(1);
+    h.advance(0.01);
+    h.poll.arrived();
+    expect(h.poll.window).to.be.closeTo(0.03, 1e-9);
+  });
+
   it('stop() ends a poll under way', () => {
     const h = harness(0.1);
     h.poll.idle(h.t());
