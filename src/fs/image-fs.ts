@@ -88,20 +88,21 @@ export class ImageFs implements FuseFilesystem {
       if (seen.has(file.name)) throw new Error(`two images would both appear as '${file.name}'`);
       seen.add(file.name);
       const nodeid = opts.rootIsFile ? FUSE_ROOT_ID : i + 2;
-      let st: fs.Stats | null = null;
-      try {
-        st = fs.statSync(file.hostPath);
-      } catch {
-        st = null;
-      }
       if (!this.hostRefs.has(file.hostPath)) {
         let fd = -1;
         try {
           fd = fs.openSync(file.hostPath, O_PATH);
         } catch {
-          fd = -1; // statfs then reports nothing of the host
+          fd = -1; // the file's times start now, and statfs reports nothing of the host
         }
         this.hostRefs.set(file.hostPath, fd);
+      }
+      const ref = this.hostRefs.get(file.hostPath)!;
+      let st: fs.Stats | null = null;
+      try {
+        st = ref >= 0 ? fs.fstatSync(ref) : null;
+      } catch {
+        st = null;
       }
       const node: Node = {
         nodeid,
@@ -139,6 +140,20 @@ export class ImageFs implements FuseFilesystem {
     await this.flushAll();
     for (const fd of this.hostRefs.values()) if (fd >= 0) fs.closeSync(fd);
     this.hostRefs.clear();
+  }
+
+  /**
+   * Run a change to what a file shows. What was read ahead is forgotten when
+   * it starts and again when it is done: a read-ahead that ran meanwhile may
+   * have read the bytes from before it.
+   */
+  private async changing(change: () => Promise<void>): Promise<void> {
+    this.readAhead.changed();
+    try {
+      await change();
+    } finally {
+      this.readAhead.changed();
+    }
   }
 
   /** Flush every writable backend. */
@@ -218,12 +233,7 @@ export class ImageFs implements FuseFilesystem {
     const now = Date.now();
     if (ch.size !== undefined && ch.size !== n.file.backend.size()) {
       if (n.file.backend.readOnly) throw new FuseErrno(E.EROFS);
-      this.readAhead.changed();
-      try {
-        await n.file.backend.resize(ch.size);
-      } finally {
-        this.readAhead.changed();
-      }
+      await this.changing(() => n.file.backend.resize(ch.size!));
       n.mtimeMs = n.ctimeMs = now;
       await this.dropWithdrawn();
     }
@@ -315,13 +325,10 @@ export class ImageFs implements FuseFilesystem {
     const n = this.node(nodeid);
     const b = n.file.backend;
     if (b.readOnly) throw new FuseErrno(E.EROFS);
-    this.readAhead.changed();
-    try {
+    await this.changing(async () => {
       if (offset + data.length > b.size()) await b.resize(offset + data.length);
       await b.write(data, offset);
-    } finally {
-      this.readAhead.changed();
-    }
+    });
     n.mtimeMs = n.ctimeMs = Date.now();
     await this.invalidateAliases(n, offset, data.length);
     return data.length;
@@ -413,12 +420,7 @@ export class ImageFs implements FuseFilesystem {
     const keepSize = (mode & FALLOC_FL_KEEP_SIZE) !== 0;
     const known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
     if (mode & ~known) throw new FuseErrno(E.EOPNOTSUPP);
-    this.readAhead.changed();
-    try {
-      await this.allocate(n, b, offset, length, mode, keepSize);
-    } finally {
-      this.readAhead.changed();
-    }
+    await this.changing(() => this.allocate(n, b, offset, length, mode, keepSize));
     n.mtimeMs = n.ctimeMs = Date.now();
   }
 
