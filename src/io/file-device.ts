@@ -25,10 +25,12 @@ const SYNC_WRITE_MAX = 1024 * 1024;
 
 /**
  * Drop-behind (FileDevice.open `dropBehind`), for an owner that keeps its
- * own cache of what it reads: a FUSE mount through the kernel's page cache
+ * own cache of what it reads (a FUSE mount through the kernel's page cache
  * holds every byte it serves in the raw file's pages, and the image file's
- * pages would be a second copy of them. Reads that follow one another form
- * a stream; what a stream has read more than
+ * pages would be a second copy of them), or whose sequential reads are
+ * bound by something else than the disk when they come again (a mount with
+ * direct I/O: a round trip to the daemon per read). Reads that follow one
+ * another form a stream; what a stream has read more than
  * STREAM_LAG behind its newest read leaves the host page cache
  * (POSIX_FADV_DONTNEED). The kernel's readahead still runs ahead of the
  * stream, and the pages dropped behind it are the ones it reads ahead into

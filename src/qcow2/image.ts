@@ -67,10 +67,11 @@ export interface OpenOptions {
   /** Take QEMU's image locks on the files opened (default true). */
   lock?: boolean;
   /**
-   * Drop what sequential large reads of the files opened have read from the
-   * host page cache (FileDevice `dropBehind`), for a caller that caches what
-   * it reads itself (a FUSE mount through the kernel's page cache). Default
-   * false: the host cache keeps what was read.
+   * Drop what sequential reads and writes of the files opened have moved
+   * from the host page cache a few MiB behind them (FileDevice
+   * `dropBehind`): for a caller that caches what it reads itself, or that
+   * streams more than it would re-read. Default false: the host cache keeps
+   * what was read.
    */
   dropBehind?: boolean;
   /**
