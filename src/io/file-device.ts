@@ -126,6 +126,11 @@ interface Stream {
  */
 const BLOCKING_READ_MAX = 128 * 1024;
 
+/** An RWF_NOWAIT read's result that says the file system cannot serve such reads. */
+function cannotNowait(result: number): boolean {
+  return result === -E.EOPNOTSUPP || result === -E.EINVAL || result === -E.ENOSYS;
+}
+
 /** fs.read as a promise, without FileHandle's extra bookkeeping on the hot path. */
 function readAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -266,15 +271,10 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     let missed = false;
     if (this.nowait !== null && buf.length > 0) {
       if (this.tryNowait()) {
-        const n = this.nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
-        this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
+        const n = this.readCached(this.nowait, buf, offset);
         if (n === buf.length) return Promise.resolve(n);
-        if (n > 0) {
-          done = n;
-        } else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) {
-          this.nowait = null; // this file system cannot; stop asking
-        }
-        // -EAGAIN (not cached) and real errors go on below.
+        if (n > 0) done = n;
+        // -EAGAIN (not cached), file systems that cannot say and real errors go on below.
         missed = n > 0 || n === -E.EAGAIN;
       } else {
         missed = true;
@@ -343,12 +343,10 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     this.reading(offset, buf.length);
     let done = 0;
     if (tryCache) {
-      const n = nowait!.preadNowait(this.fd, buf, 0, buf.length, offset);
-      this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
+      const n = this.readCached(nowait!, buf, offset);
       if (n === buf.length) return n;
       if (n > 0) done = n;
-      else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) this.nowait = null;
-      else if (n !== -E.EAGAIN) return null; // a real error: pread() reports it as Node does
+      else if (n !== -E.EAGAIN && !cannotNowait(n)) return null; // a real error: pread() reports it as Node does
     }
     if (!blocking) return null;
     if (buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
@@ -357,6 +355,18 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     } catch {
       return null;
     }
+  }
+
+  /**
+   * One RWF_NOWAIT read of all of buf at offset: the bytes read (all of
+   * them: a hit), or -errno (-EAGAIN: not cached). Counts the misses, and
+   * stops asking a file system that cannot say (see cannotNowait).
+   */
+  private readCached(nowait: NativeModule, buf: Buffer, offset: number): number {
+    const n = nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
+    this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
+    if (cannotNowait(n)) this.nowait = null;
+    return n;
   }
 
   /**
