@@ -228,24 +228,25 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   pread(buf: Buffer, offset: number): Promise<number> {
-    this.reading(offset, buf.length);
     return this.preadCached(buf, offset);
   }
 
   /**
    * A read of [position, position+length) is about to start: follow the
    * stream it belongs to and drop what that stream has left behind. The
-   * device's own reads come here from pread(); a transport that splices
-   * ranges of the file calls it for each range before splicing it.
+   * device's own reads come here from pread() and preadNow(); a transport
+   * that splices ranges of the file calls it for each range before splicing
+   * it. `cached`: whether the page cache holds the range whole, when the
+   * caller knows (else a new stream asks cachestat).
    */
-  reading(position: number, length: number): void {
+  reading(position: number, length: number, cached?: boolean): void {
     const streams = this.streams;
     if (streams === null || length <= 0) return;
     const end = position + length;
     const now = ++this.streamClock;
     let s = streams.find((x) => position >= x.end - STREAM_LAG && position <= x.end + STREAM_GAP);
     if (s === undefined) {
-      s = { end, dropped: Math.ceil(position / DROP_UNIT) * DROP_UNIT, warm: this.cachedWhole(position, length), lastUse: now };
+      s = { end, dropped: Math.ceil(position / DROP_UNIT) * DROP_UNIT, warm: cached ?? this.cachedWhole(position, length), lastUse: now };
       if (streams.length < MAX_STREAMS) streams.push(s);
       else streams[streams.reduce((old, x, i) => (x.lastUse < streams[old].lastUse ? i : old), 0)] = s;
       return;
@@ -269,16 +270,15 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     let done = 0;
     // The cache was found not to hold all of the range (or, untried after a run of misses, most likely does not).
     let missed = false;
-    if (this.nowait !== null && buf.length > 0) {
-      if (this.tryNowait()) {
-        const n = this.readCached(this.nowait, buf, offset);
-        if (n === buf.length) return Promise.resolve(n);
-        if (n > 0) done = n;
-        // -EAGAIN (not cached), file systems that cannot say and real errors go on below.
-        missed = n > 0 || n === -E.EAGAIN;
-      } else {
-        missed = true;
-      }
+    if (this.nowait !== null && buf.length > 0 && this.tryNowait()) {
+      const n = this.readCached(this.nowait, buf, offset);
+      if (n === buf.length) return Promise.resolve(n);
+      if (n > 0) done = n;
+      // -EAGAIN (not cached), file systems that cannot say and real errors go on below.
+      missed = n > 0 || n === -E.EAGAIN;
+    } else {
+      this.reading(offset, buf.length);
+      missed = this.nowait !== null && buf.length > 0; // untried after a run of misses
     }
     if (missed && buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
     if (buf.length <= BLOCKING_READ_MAX && this.blockingReads?.()) return this.preadBlocking(buf, offset, done);
@@ -340,13 +340,14 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     const nowait = this.nowait;
     const tryCache = nowait !== null && (blocking ? this.tryNowait() : this.misses < NOWAIT_MISS_LIMIT);
     if (!tryCache && !blocking) return null;
-    this.reading(offset, buf.length);
     let done = 0;
     if (tryCache) {
       const n = this.readCached(nowait!, buf, offset);
       if (n === buf.length) return n;
       if (n > 0) done = n;
       else if (n !== -E.EAGAIN && !cannotNowait(n)) return null; // a real error: pread() reports it as Node does
+    } else {
+      this.reading(offset, buf.length);
     }
     if (!blocking) return null;
     if (buf.length - done < AROUND_WINDOW) this.readAround(offset + done, buf.length - done);
@@ -359,13 +360,16 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
 
   /**
    * One RWF_NOWAIT read of all of buf at offset: the bytes read (all of
-   * them: a hit), or -errno (-EAGAIN: not cached). Counts the misses, and
-   * stops asking a file system that cannot say (see cannotNowait).
+   * them: a hit), or -errno (-EAGAIN: not cached). Counts the misses, stops
+   * asking a file system that cannot say (see cannotNowait), and tells the
+   * drop-behind streams of the read with what it found: whether the cache
+   * held the range whole is what a new stream would otherwise ask cachestat.
    */
   private readCached(nowait: NativeModule, buf: Buffer, offset: number): number {
     const n = nowait.preadNowait(this.fd, buf, 0, buf.length, offset);
     this.misses = n === buf.length ? 0 : Math.min(this.misses + 1, NOWAIT_MISS_LIMIT);
     if (cannotNowait(n)) this.nowait = null;
+    this.reading(offset, buf.length, n === buf.length ? true : n > 0 || n === -E.EAGAIN ? false : undefined);
     return n;
   }
 

@@ -406,6 +406,58 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     }
   });
 
+  it('dropBehind: a new stream is told warm from cold by its first RWF_NOWAIT read, and asks cachestat only without one', async () => {
+    const real = native.cacheStat;
+    let asked = 0;
+    let counting = false;
+    native.cacheStat = function (...args: Parameters<NativeModule['cacheStat']>) {
+      if (counting) asked++;
+      return real.apply(this, args);
+    };
+    const during = async <T>(fn: () => Promise<T>): Promise<T> => {
+      counting = true;
+      try {
+        return await fn();
+      } finally {
+        counting = false;
+      }
+    };
+    try {
+      const warm = coldFile(16 * MiB);
+      fs.readFileSync(warm.file);
+      const dev = await FileDevice.open(warm.file, { readOnly: true, dropBehind: true });
+      try {
+        await during(() => stream(dev, warm.data, 0, 16 * MiB));
+        expect(cached(dev.fd, 0, 16 * MiB), 'a warm stream').to.equal(16 * MiB);
+      } finally {
+        await dev.close();
+      }
+      const cold = coldFile(16 * MiB);
+      const dev2 = await FileDevice.open(cold.file, { readOnly: true, dropBehind: true });
+      try {
+        const buf = Buffer.alloc(64 << 10);
+        // The first read alone, on the spot, as a mount's request alone is read.
+        expect(await during(async () => dev2.preadNow(buf, 0, true))).to.equal(buf.length);
+        await during(() => stream(dev2, cold.data, buf.length, 16 * MiB, buf.length));
+        expect(cached(dev2.fd, 0, 10 * MiB), 'behind a cold stream').to.equal(0);
+      } finally {
+        await dev2.close();
+      }
+      expect(asked, 'cachestat calls while streams had RWF_NOWAIT results').to.equal(0);
+      // A file system that cannot read RWF_NOWAIT: the new stream asks cachestat.
+      const dev3 = await FileDevice.open(cold.file, { readOnly: true, dropBehind: true });
+      try {
+        (dev3 as unknown as { nowait: unknown }).nowait = null;
+        await during(() => stream(dev3, cold.data, 0, 4 * MiB));
+      } finally {
+        await dev3.close();
+      }
+      expect(asked, 'cachestat calls without RWF_NOWAIT').to.equal(1);
+    } finally {
+      native.cacheStat = real;
+    }
+  });
+
   /**
    * Whether the page cache holds all of [position, +length) of fd once a
    * readahead(2) of it has been asked for. readahead is advice: under memory
