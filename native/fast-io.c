@@ -10,10 +10,15 @@
  * in the page cache it is copied on the spot; otherwise the call answers
  * -EAGAIN at once and the caller goes on asynchronously. (Buffered writes
  * with RWF_NOWAIT are refused by ext4 and tmpfs, so writes do without.)
+ * The blocking reads and the reply writes of the hot path are plain system
+ * calls here too: Node's fs.readSync and fs.writevSync add tracing checks
+ * and a property lookup per buffer to each.
  *
  *   setNonblock(fd)                          -> 0 or errno
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
+ *   preadFull(fd, buf, off, len, pos)        -> pread(2) until done or end of file: bytes read, or -errno
+ *   writeTwo(fd, a, b)                       -> writev(2) of a then b in one call: bytes written, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
  *   dropCached(fd, pos, len)                 -> posix_fadvise(POSIX_FADV_DONTNEED) of the range: 0 or an errno
  *   startWriteback(fd, pos, len)             -> sync_file_range(SYNC_FILE_RANGE_WRITE) of the range: 0 or -errno
@@ -116,6 +121,48 @@ static napi_value PreadNowait(napi_env env, napi_callback_info info) {
     return NULL;
   }
   ssize_t n = preadv2((int)fd, &iov, 1, pos, RWF_NOWAIT);
+  return native_number(env, n < 0 ? -errno : n);
+}
+
+/* pread(2) until the range is read or the file ends: bytes read, or -errno. */
+static napi_value PreadFull(napi_env env, napi_callback_info info) {
+  int64_t fd, pos;
+  struct iovec iov;
+  if (positioned_args(env, info, &fd, &iov, &pos)) {
+    napi_throw_type_error(env, NULL, "preadFull(fd, buffer, offset, length, position)");
+    return NULL;
+  }
+  size_t done = 0;
+  while (done < iov.iov_len) {
+    ssize_t n = pread((int)fd, (char *)iov.iov_base + done, iov.iov_len - done, pos + (off_t)done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return native_number(env, -errno);
+    if (n == 0) break;
+    done += (size_t)n;
+  }
+  return native_number(env, (int64_t)done);
+}
+
+/* writev(2) of two whole buffers in one call (a reply's header and body): bytes written, or -errno. */
+static napi_value WriteTwo(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t fd;
+  struct iovec iov[2];
+  size_t len0, len1;
+  char *d0, *d1;
+  if (get_args(env, info, &a, 3) || get_int(env, a.argv[0], &fd) || get_buffer(env, a.argv[1], &d0, &len0) ||
+      get_buffer(env, a.argv[2], &d1, &len1)) {
+    napi_throw_type_error(env, NULL, "writeTwo(fd, first, second)");
+    return NULL;
+  }
+  iov[0].iov_base = d0;
+  iov[0].iov_len = len0;
+  iov[1].iov_base = d1;
+  iov[1].iov_len = len1;
+  ssize_t n;
+  do {
+    n = writev((int)fd, iov, 2);
+  } while (n < 0 && errno == EINTR);
   return native_number(env, n < 0 ? -errno : n);
 }
 
@@ -318,6 +365,8 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "setNonblock", SetNonblock);
   native_export(env, exports, "readInto", ReadInto);
   native_export(env, exports, "preadNowait", PreadNowait);
+  native_export(env, exports, "preadFull", PreadFull);
+  native_export(env, exports, "writeTwo", WriteTwo);
   native_export(env, exports, "seekData", SeekData);
   native_export(env, exports, "cacheStat", CacheStat);
   native_export(env, exports, "dropCached", DropCached);

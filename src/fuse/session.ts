@@ -252,6 +252,8 @@ export class FuseSession {
   private readonly scratch = Buffer.alloc(4096);
   private readonly readHeader = Buffer.alloc(FUSE_OUT_HEADER_SIZE);
   private readonly readIov: Buffer[] = [this.readHeader, this.readHeader];
+  /** The native module for the hot path's system calls (fs's otherwise). */
+  private readonly io: NativeModule | null = loadNative();
   private dirBuffer = Buffer.alloc(FUSE_MIN_READ_BUFFER + FUSE_OUT_HEADER_SIZE);
 
   private started = false;
@@ -859,6 +861,9 @@ export class FuseSession {
     try {
       if (data.length === 0) {
         fs.writeSync(this.fd, this.readHeader, 0, FUSE_OUT_HEADER_SIZE);
+      } else if (this.io !== null) {
+        const n = this.io.writeTwo(this.fd, this.readHeader, data);
+        if (n < 0) throw codeError(errnoName(-n), `write: ${errnoName(-n)}`);
       } else {
         this.readIov[1] = data;
         fs.writevSync(this.fd, this.readIov);

@@ -318,6 +318,11 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
   }
 
   private readSyncFrom(buf: Buffer, offset: number, done: number): number {
+    if (this.native !== null && done < buf.length) {
+      const n = this.native.preadFull(this.fd, buf, done, buf.length - done, offset + done);
+      if (n >= 0) return done + n;
+      // An error: read through Node, which reports it as Node does.
+    }
     while (done < buf.length) {
       const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) break;

@@ -16,6 +16,10 @@ export interface NativeModule {
   readInto(fd: number, buf: Buffer): number;
   /** preadv2(RWF_NOWAIT): bytes read or -errno (-EAGAIN when it would wait for the disk). */
   preadNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
+  /** pread(2) into buf[offset, offset+length) until it is full or the file ends: bytes read, or -errno. */
+  preadFull(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
+  /** writev(2) of `first` then `second` in one call: bytes written, or -errno. */
+  writeTwo(fd: number, first: Buffer, second: Buffer): number;
   /** Inflate raw deflate `src` into all of `dst` on the threadpool (QEMU's rule: dst exactly filled). */
   inflateCluster(src: Buffer, dst: Buffer, callback: (ok: boolean, message: string) => void): void;
   /** lseek(SEEK_DATA), or SEEK_HOLE when `hole`: the offset, or -errno (-ENXIO: no data at or after). */

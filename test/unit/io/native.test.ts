@@ -50,6 +50,38 @@ describe('native module: non-blocking I/O', () => {
     }
   });
 
+  it('preadFull reads into a part of the buffer until it is full or the file ends; writeTwo writes two buffers as one', () => {
+    const file = path.join(dir, 'f');
+    const data = randomBytes(64 * 1024);
+    fs.writeFileSync(file, data);
+    const fd = fs.openSync(file, 'r+');
+    try {
+      const buf = Buffer.alloc(16384, 0xee);
+      expect(native.preadFull(fd, buf, 100, 8192, 4096)).to.equal(8192);
+      expect(buf.subarray(100, 8292).equals(data.subarray(4096, 12288))).to.equal(true);
+      expect(buf[99]).to.equal(0xee);
+      expect(buf[8292]).to.equal(0xee);
+      expect(native.preadFull(fd, buf, 0, 16384, 60 * 1024)).to.equal(4096); // the file ends
+      expect(native.preadFull(fd, buf, 0, 16384, 1 << 20)).to.equal(0);
+      expect(() => native.preadFull(fd, buf, 8192, 16384, 0)).to.throw(TypeError); // outside the buffer
+      expect(native.preadFull(-1, buf, 0, 10, 0)).to.equal(-E.EBADF);
+
+      const a = Buffer.from('header--');
+      const b = randomBytes(5000);
+      const out = path.join(dir, 'out');
+      const ofd = fs.openSync(out, 'w');
+      try {
+        expect(native.writeTwo(ofd, a, b)).to.equal(a.length + b.length);
+      } finally {
+        fs.closeSync(ofd);
+      }
+      expect(fs.readFileSync(out).equals(Buffer.concat([a, b]))).to.equal(true);
+      expect(native.writeTwo(-1, a, b)).to.equal(-E.EBADF);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
   it('readInto on a non-blocking FIFO answers -EAGAIN when empty, then the bytes', () => {
     const fifo = path.join(dir, 'q');
     execFileSync('mkfifo', [fifo]);
@@ -621,14 +653,13 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     let sole = true;
     let asked = 0;
     const dev = await FileDevice.open(file, { readOnly: true, blockingReads: () => { asked++; return sole; } });
-    // Blocking reads are fs.readSync calls on the device's descriptor (the module object itself, not a copy).
-    const nodeFs = require('fs') as typeof fs;
-    const readSync = nodeFs.readSync;
+    // Blocking reads are preadFull calls on the device's descriptor (the module object itself, not a copy).
+    const preadFull = native.preadFull;
     let blocking = 0;
-    nodeFs.readSync = ((fd: number, ...rest: unknown[]) => {
+    native.preadFull = function (fd: number, ...rest: [Buffer, number, number, number]) {
       if (fd === dev.fd) blocking++;
-      return (readSync as (...a: unknown[]) => number)(fd, ...rest);
-    }) as typeof fs.readSync;
+      return preadFull.call(this, fd, ...rest);
+    };
     try {
       // Filled before the promise is even awaited: the read blocked this thread.
       const a = Buffer.alloc(4096);
@@ -657,7 +688,7 @@ describe('FileDevice: drop-behind and blocking reads', () => {
       expect(err).to.be.instanceOf(Error);
       expect(blocking).to.equal(2);
     } finally {
-      nodeFs.readSync = readSync;
+      native.preadFull = preadFull;
       await dev.close().catch(() => undefined);
     }
   });
