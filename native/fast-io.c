@@ -97,17 +97,22 @@ static napi_value ReadInto(napi_env env, napi_callback_info info) {
   return native_number(env, n < 0 ? -errno : n);
 }
 
-/* Argument checks of preadNowait. */
-static int positioned_args(napi_env env, napi_callback_info info, int64_t *fd, struct iovec *iov, int64_t *pos) {
+/*
+ * Arguments (fd, buffer, offset, length, position) of a positioned read:
+ * 0, or -1 with a TypeError naming `usage` thrown.
+ */
+static int positioned_args(napi_env env, napi_callback_info info, const char *usage, int64_t *fd, struct iovec *iov,
+                           int64_t *pos) {
   args_t a;
   int64_t off, len;
   char *data;
   size_t size;
   if (get_args(env, info, &a, 5) || get_int(env, a.argv[0], fd) || get_buffer(env, a.argv[1], &data, &size) ||
-      get_int(env, a.argv[2], &off) || get_int(env, a.argv[3], &len) || get_int(env, a.argv[4], pos)) {
+      get_int(env, a.argv[2], &off) || get_int(env, a.argv[3], &len) || get_int(env, a.argv[4], pos) ||
+      off < 0 || len < 0 || (uint64_t)off + (uint64_t)len > size || *pos < 0) {
+    napi_throw_type_error(env, NULL, usage);
     return -1;
   }
-  if (off < 0 || len < 0 || (uint64_t)off + (uint64_t)len > size || *pos < 0) return -1;
   iov->iov_base = data + off;
   iov->iov_len = (size_t)len;
   return 0;
@@ -116,10 +121,7 @@ static int positioned_args(napi_env env, napi_callback_info info, int64_t *fd, s
 static napi_value PreadNowait(napi_env env, napi_callback_info info) {
   int64_t fd, pos;
   struct iovec iov;
-  if (positioned_args(env, info, &fd, &iov, &pos)) {
-    napi_throw_type_error(env, NULL, "preadNowait(fd, buffer, offset, length, position)");
-    return NULL;
-  }
+  if (positioned_args(env, info, "preadNowait(fd, buffer, offset, length, position)", &fd, &iov, &pos)) return NULL;
   ssize_t n = preadv2((int)fd, &iov, 1, pos, RWF_NOWAIT);
   return native_number(env, n < 0 ? -errno : n);
 }
@@ -128,10 +130,7 @@ static napi_value PreadNowait(napi_env env, napi_callback_info info) {
 static napi_value PreadFull(napi_env env, napi_callback_info info) {
   int64_t fd, pos;
   struct iovec iov;
-  if (positioned_args(env, info, &fd, &iov, &pos)) {
-    napi_throw_type_error(env, NULL, "preadFull(fd, buffer, offset, length, position)");
-    return NULL;
-  }
+  if (positioned_args(env, info, "preadFull(fd, buffer, offset, length, position)", &fd, &iov, &pos)) return NULL;
   size_t done = 0;
   while (done < iov.iov_len) {
     ssize_t n = pread((int)fd, (char *)iov.iov_base + done, iov.iov_len - done, pos + (off_t)done);
