@@ -244,13 +244,29 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     if (streams === null || length <= 0) return;
     const end = position + length;
     const now = ++this.streamClock;
-    let s = streams.find((x) => position >= x.end - STREAM_LAG && position <= x.end + STREAM_GAP);
-    if (s === undefined) {
-      s = { end, dropped: Math.ceil(position / DROP_UNIT) * DROP_UNIT, warm: cached ?? this.cachedWhole(position, length), lastUse: now };
-      if (streams.length < MAX_STREAMS) streams.push(s);
-      else streams[streams.reduce((old, x, i) => (x.lastUse < streams[old].lastUse ? i : old), 0)] = s;
+    // Plain loops, no closures: this runs for every read.
+    let oldest = 0;
+    for (let i = 0; i < streams.length; i++) {
+      const x = streams[i];
+      if (position >= x.end - STREAM_LAG && position <= x.end + STREAM_GAP) return this.continueStream(x, end, now);
+      if (x.lastUse < streams[oldest].lastUse) oldest = i;
+    }
+    // A new stream, in a free slot or in place of the one read longest ago.
+    const dropped = Math.ceil(position / DROP_UNIT) * DROP_UNIT;
+    const warm = cached ?? this.cachedWhole(position, length);
+    if (streams.length < MAX_STREAMS) {
+      streams.push({ end, dropped, warm, lastUse: now });
       return;
     }
+    const s = streams[oldest];
+    s.end = end;
+    s.dropped = dropped;
+    s.warm = warm;
+    s.lastUse = now;
+  }
+
+  /** A read up to `end` continues stream s: drop what it has left behind. */
+  private continueStream(s: Stream, end: number, now: number): void {
     s.lastUse = now;
     if (end > s.end) s.end = end;
     if (s.warm) return;
