@@ -15,6 +15,19 @@ import { uringReader } from '../../../src/io/uring';
 
 const E = os.constants.errno;
 
+/** A file of `size` random bytes in `dir`, open for reading while `use` runs and settles. */
+async function withRandomFile<T>(dir: string, size: number, use: (fd: number, data: Buffer) => T | Promise<T>): Promise<T> {
+  const file = path.join(dir, 'f');
+  const data = randomBytes(size);
+  fs.writeFileSync(file, data);
+  const fd = fs.openSync(file, 'r');
+  try {
+    return await use(fd, data);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 describe('native module: non-blocking I/O', () => {
   let dir: string;
   let native: NativeModule;
@@ -29,58 +42,42 @@ describe('native module: non-blocking I/O', () => {
   });
   afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-  it('preadNowait serves cached bytes and checks its arguments', () => {
-    const file = path.join(dir, 'f');
-    const data = randomBytes(64 * 1024);
-    fs.writeFileSync(file, data);
-    const fd = fs.openSync(file, 'r');
-    try {
-      const buf = Buffer.alloc(8192);
-      const n = native.preadNowait(fd, buf, 0, 4096, 4096);
-      // Just written, so cached: all of it (a file system without RWF_NOWAIT says EOPNOTSUPP).
-      if (n !== -E.EOPNOTSUPP) {
-        expect(n).to.equal(4096);
-        expect(buf.subarray(0, 4096).equals(data.subarray(4096, 8192))).to.equal(true);
-      }
-      expect(native.preadNowait(fd, buf, 0, 4096, 1 << 20)).to.equal(0); // past the end
-      expect(() => native.preadNowait(fd, buf, 4096, 8192, 0)).to.throw(TypeError); // outside the buffer
-      expect(native.preadNowait(-1, buf, 0, 10, 0)).to.equal(-E.EBADF);
-    } finally {
-      fs.closeSync(fd);
+  it('preadNowait serves cached bytes and checks its arguments', () => withRandomFile(dir, 64 * 1024, (fd, data) => {
+    const buf = Buffer.alloc(8192);
+    const n = native.preadNowait(fd, buf, 0, 4096, 4096);
+    // Just written, so cached: all of it (a file system without RWF_NOWAIT says EOPNOTSUPP).
+    if (n !== -E.EOPNOTSUPP) {
+      expect(n).to.equal(4096);
+      expect(buf.subarray(0, 4096).equals(data.subarray(4096, 8192))).to.equal(true);
     }
-  });
+    expect(native.preadNowait(fd, buf, 0, 4096, 1 << 20)).to.equal(0); // past the end
+    expect(() => native.preadNowait(fd, buf, 4096, 8192, 0)).to.throw(TypeError); // outside the buffer
+    expect(native.preadNowait(-1, buf, 0, 10, 0)).to.equal(-E.EBADF);
+  }));
 
-  it('preadFull reads into a part of the buffer until it is full or the file ends; writeTwo writes two buffers as one', () => {
-    const file = path.join(dir, 'f');
-    const data = randomBytes(64 * 1024);
-    fs.writeFileSync(file, data);
-    const fd = fs.openSync(file, 'r+');
+  it('preadFull reads into a part of the buffer until it is full or the file ends; writeTwo writes two buffers as one', () => withRandomFile(dir, 64 * 1024, (fd, data) => {
+    const buf = Buffer.alloc(16384, 0xee);
+    expect(native.preadFull(fd, buf, 100, 8192, 4096)).to.equal(8192);
+    expect(buf.subarray(100, 8292).equals(data.subarray(4096, 12288))).to.equal(true);
+    expect(buf[99]).to.equal(0xee);
+    expect(buf[8292]).to.equal(0xee);
+    expect(native.preadFull(fd, buf, 0, 16384, 60 * 1024)).to.equal(4096); // the file ends
+    expect(native.preadFull(fd, buf, 0, 16384, 1 << 20)).to.equal(0);
+    expect(() => native.preadFull(fd, buf, 8192, 16384, 0)).to.throw(TypeError); // outside the buffer
+    expect(native.preadFull(-1, buf, 0, 10, 0)).to.equal(-E.EBADF);
+
+    const a = Buffer.from('header--');
+    const b = randomBytes(5000);
+    const out = path.join(dir, 'out');
+    const ofd = fs.openSync(out, 'w');
     try {
-      const buf = Buffer.alloc(16384, 0xee);
-      expect(native.preadFull(fd, buf, 100, 8192, 4096)).to.equal(8192);
-      expect(buf.subarray(100, 8292).equals(data.subarray(4096, 12288))).to.equal(true);
-      expect(buf[99]).to.equal(0xee);
-      expect(buf[8292]).to.equal(0xee);
-      expect(native.preadFull(fd, buf, 0, 16384, 60 * 1024)).to.equal(4096); // the file ends
-      expect(native.preadFull(fd, buf, 0, 16384, 1 << 20)).to.equal(0);
-      expect(() => native.preadFull(fd, buf, 8192, 16384, 0)).to.throw(TypeError); // outside the buffer
-      expect(native.preadFull(-1, buf, 0, 10, 0)).to.equal(-E.EBADF);
-
-      const a = Buffer.from('header--');
-      const b = randomBytes(5000);
-      const out = path.join(dir, 'out');
-      const ofd = fs.openSync(out, 'w');
-      try {
-        expect(native.writeTwo(ofd, a, b)).to.equal(a.length + b.length);
-      } finally {
-        fs.closeSync(ofd);
-      }
-      expect(fs.readFileSync(out).equals(Buffer.concat([a, b]))).to.equal(true);
-      expect(native.writeTwo(-1, a, b)).to.equal(-E.EBADF);
+      expect(native.writeTwo(ofd, a, b)).to.equal(a.length + b.length);
     } finally {
-      fs.closeSync(fd);
+      fs.closeSync(ofd);
     }
-  });
+    expect(fs.readFileSync(out).equals(Buffer.concat([a, b]))).to.equal(true);
+    expect(native.writeTwo(-1, a, b)).to.equal(-E.EBADF);
+  }));
 
   it('readInto on a non-blocking FIFO answers -EAGAIN when empty, then the bytes', () => {
     const fifo = path.join(dir, 'q');
@@ -209,11 +206,7 @@ describe('io_uring reads', () => {
   it('reads what the file holds, many at once, and says EOF and bad descriptors as results', async function () {
     const ring = uringReader();
     if (ring === null) this.skip(); // a kernel without io_uring (or with it disabled): the threadpool serves
-    const file = path.join(dir, 'f');
-    const data = randomBytes(1 << 20);
-    fs.writeFileSync(file, data);
-    const fd = fs.openSync(file, 'r');
-    try {
+    await withRandomFile(dir, 1 << 20, async (fd, data) => {
       const bufs = Array.from({ length: 64 }, () => Buffer.alloc(8192));
       const results = await Promise.all(bufs.map((b, i) => ring!.read(fd, b, 100, 4096, i * 16384)!));
       results.forEach((n, i) => {
@@ -224,9 +217,7 @@ describe('io_uring reads', () => {
       expect(await ring!.read(fd, bufs[0], 0, 4096, data.length - 10)).to.equal(10);
       expect(await ring!.read(-1, bufs[0], 0, 4096, 0)).to.equal(-E.EBADF);
       expect(() => ring!.read(fd, bufs[0], 8000, 4096, 0)).to.throw(TypeError);
-    } finally {
-      fs.closeSync(fd);
-    }
+    });
   });
 });
 
