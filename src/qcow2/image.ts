@@ -599,10 +599,10 @@ export class Qcow2Image implements Layer {
   /**
    * read(), done before returning when nothing need be waited for: the
    * shared lock is free, the L2 table is cached, the range is one run of
-   * data, zeroes or unallocated space no backing file shows through, and the device
-   * reads it on the spot (BlockDevice.preadNow; with `mayBlock`, a small read
-   * may wait there for the disk). True: `buf` holds the data. False: nothing
-   * was read, use read(). Errors are thrown.
+   * data, zeroes or unallocated space no backing file shows through, and
+   * the device reads it on the spot (BlockDevice.preadNow; with `mayBlock`,
+   * a small read may wait there for the disk). True: `buf` holds the data.
+   * False: nothing was read, use read(). Errors are thrown.
    */
   readNow(buf: Buffer, offset: number, mayBlock = false): boolean {
     this.checkOpen();
@@ -641,11 +641,12 @@ export class Qcow2Image implements Layer {
   /**
    * The common read, without the steps of the general path: when the shared
    * lock is free, the L2 table is cached and the whole range is one run of
-   * data, zeroes or unallocated space no backing file shows through, the read goes
-   * straight to the device, or is answered with zeroes, under a hold of the
-   * lock taken on the spot. Each await of the general path costs a turn of the
-   * microtask queue: a random 4 KiB read of cached data took 4.0-4.5 us
-   * through it and 3.0-3.7 us this way. undefined: take the general path.
+   * data, zeroes or unallocated space no backing file shows through, the
+   * read goes straight to the device, or is answered with zeroes, under a
+   * hold of the lock taken on the spot. Each await of the general path
+   * costs a turn of the microtask queue: a random 4 KiB read of cached data
+   * took 4.0-4.5 us through it and 3.0-3.7 us this way. undefined: take the
+   * general path.
    */
   private readAtOnce(buf: Buffer, offset: number): Promise<void> | undefined {
     const release = this.lock.tryShared();
