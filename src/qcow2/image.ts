@@ -30,7 +30,7 @@ import {
 } from './errors';
 import { decodeHeader, encodeHeader, featureName, Qcow2Header } from './header';
 import {
-  SubclusterType, L2Entry, classifyL2Entry, decodeCompressedDescriptor, entryOffset, entryOffsetTooLarge,
+  SubclusterType, L2Entry, ClassifyContext, classifyL2Entry, decodeCompressedDescriptor, entryOffset, entryOffsetTooLarge,
   isCopied, isCompressed, readL2Entry, writeL2Entry, encodeOffsetEntry, isAllocatedType, isZeroType, subclusterMask, lastContiguousL2Entry,
   firstNonEmptyL2Entry,
 } from './l2-entry';
@@ -142,6 +142,8 @@ export class Qcow2Image implements Layer {
   readonly l2Entries: number;
   readonly subclusterSize: number;
   readonly subclustersPerCluster: number;
+  /** What classifyL2Entry needs to know of this image (fixed while it is open). */
+  private readonly l2Context: ClassifyContext;
   readonly snapshots: Snapshot[];
   /** The snapshot this view shows, or null for the active image. */
   readonly snapshot: Snapshot | null;
@@ -175,6 +177,7 @@ export class Qcow2Image implements Layer {
     this.l2Entries = l2EntriesPerTable(this.clusterBits, this.extendedL2);
     this.subclustersPerCluster = this.extendedL2 ? QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER : 1;
     this.subclusterSize = this.clusterSize / this.subclustersPerCluster;
+    this.l2Context = { extendedL2: this.extendedL2, hasDataFile: (header.incompatibleFeatures & QCOW2_INCOMPAT_DATA_FILE) !== 0 };
     this.dataDev = dev;
     this.l1 = Buffer.alloc(0);
     this.l1Offset = header.l1TableOffset;
@@ -413,7 +416,7 @@ export class Qcow2Image implements Layer {
   }
 
   get hasDataFile(): boolean {
-    return (this.header.incompatibleFeatures & QCOW2_INCOMPAT_DATA_FILE) !== 0;
+    return this.l2Context.hasDataFile;
   }
 
   get dataFileRaw(): boolean {
@@ -507,7 +510,7 @@ export class Qcow2Image implements Layer {
     const tableSpan = this.l2Entries * cs;
     const limit = Math.min(maxBytes, (l1Index + 1) * tableSpan - guestOffset);
     const tableWritable = this.l1Copied(l1Index);
-    const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
+    const ctx = this.l2Context;
     let l2Index = Math.floor((guestOffset % tableSpan) / cs);
     const inCluster = guestOffset % cs;
     let sc = Math.floor(inCluster / this.subclusterSize);
@@ -515,11 +518,10 @@ export class Qcow2Image implements Layer {
     const runEnd = Math.min(this.l2Entries, l2Index + Math.ceil((inCluster + limit) / cs));
     let e = readL2Entry(table, l2Index, this.extendedL2);
     const type = classifyL2Entry(e, sc, ctx);
-    const entryAt = (i: number) => l2Offset + i * (this.extendedL2 ? 16 : 8);
-    if (type === SubclusterType.Invalid) throw new CorruptImageError('L2 table', entryAt(l2Index), 'entry has both allocation and zero bits, or bits set on an unallocated cluster');
+    if (type === SubclusterType.Invalid) throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, l2Index), 'entry has both allocation and zero bits, or bits set on an unallocated cluster');
     if (type === SubclusterType.Compressed) {
       const d = decodeCompressedDescriptor(e.hi, e.lo, this.clusterBits);
-      if (Number.isNaN(d.hostOffset)) throw new CorruptImageError('L2 table', entryAt(l2Index), 'compressed cluster offset too large');
+      if (Number.isNaN(d.hostOffset)) throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, l2Index), 'compressed cluster offset too large');
       return { type, length: Math.min(limit, cs - inCluster), hostOffset: d.hostOffset, writable: false, compressed: d };
     }
     if (type === SubclusterType.UnallocatedPlain && e.hi === 0 && e.lo === 0 && e.bitmapHi === 0 && e.bitmapLo === 0) {
@@ -528,13 +530,7 @@ export class Qcow2Image implements Layer {
       return { type, length: Math.min(limit, (next - l2Index) * cs - inCluster), hostOffset: inCluster, writable: false, compressed: null };
     }
     const hasHost = type === SubclusterType.Normal || type === SubclusterType.ZeroAlloc || type === SubclusterType.UnallocatedAlloc;
-    const checkHost = (ent: L2Entry, idx: number): number => {
-      if (entryOffsetTooLarge(ent.hi)) throw new CorruptImageError('L2 table', entryAt(idx), 'cluster offset too large');
-      const off = entryOffset(ent.hi, ent.lo);
-      if (off % cs !== 0) throw new CorruptImageError('L2 table', entryAt(idx), `cluster offset 0x${off.toString(16)} not cluster aligned`);
-      return off;
-    };
-    let host = hasHost ? checkHost(e, l2Index) : 0;
+    let host = hasHost ? this.hostOfL2Entry(e, l2Offset, l2Index) : 0;
     const writable = type === SubclusterType.Normal && tableWritable && (isCopied(e.hi) || this.hasDataFile);
     const startHost = host + inCluster;
     // Extend the run across subclusters and clusters of the same kind.
@@ -559,7 +555,7 @@ export class Qcow2Image implements Layer {
         const t = classifyL2Entry(e, 0, ctx);
         if (t !== type) break;
         if (hasHost) {
-          host = checkHost(e, l2Index);
+          host = this.hostOfL2Entry(e, l2Offset, l2Index);
           if (host !== expectHost) break;
           if (type === SubclusterType.Normal && writable !== (isCopied(e.hi) || this.hasDataFile)) break;
         }
@@ -571,9 +567,24 @@ export class Qcow2Image implements Layer {
       expectHost += this.subclusterSize;
     }
     if (type === SubclusterType.Normal && this.hasDataFile && this.dataFileRaw && startHost !== guestOffset) {
-      throw new CorruptImageError('L2 table', entryAt(l2Index), 'raw external data file requires guest offset == host offset');
+      throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, l2Index), 'raw external data file requires guest offset == host offset');
     }
     return { type, length, hostOffset: startHost, writable, compressed: null };
+  }
+
+  /** The file offset of entry `index` of the L2 table at `l2Offset` (for messages). */
+  private l2EntryAt(l2Offset: number, index: number): number {
+    return l2Offset + index * (this.extendedL2 ? 16 : 8);
+  }
+
+  /** The host cluster offset of L2 entry e (entry `index` of the table at `l2Offset`), checked. */
+  private hostOfL2Entry(e: L2Entry, l2Offset: number, index: number): number {
+    if (entryOffsetTooLarge(e.hi)) throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, index), 'cluster offset too large');
+    const off = entryOffset(e.hi, e.lo);
+    if (off % this.clusterSize !== 0) {
+      throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, index), `cluster offset 0x${off.toString(16)} not cluster aligned`);
+    }
+    return off;
   }
 
   // ---------------------------------------------------------------- read
@@ -607,8 +618,8 @@ export class Qcow2Image implements Layer {
   readNow(buf: Buffer, offset: number, mayBlock = false): boolean {
     this.checkOpen();
     this.checkRange(offset, buf.length);
-    const release = this.lock.tryShared();
-    if (release === null) return false;
+    // All of it is done before returning: no hold of the lock is needed, only that none is waited for.
+    if (!this.lock.sharedFree()) return false;
     try {
       const run = this.lookupCached(offset, buf.length);
       if (run === null || run.length !== buf.length) return false;
@@ -624,8 +635,6 @@ export class Qcow2Image implements Layer {
     } catch (err) {
       this.noteReadError(err);
       throw err;
-    } finally {
-      release();
     }
   }
 
@@ -1085,7 +1094,7 @@ export class Qcow2Image implements Layer {
     const l2Offset = await this.l2ForWrite(l1Index);
     const table = await this.l2Cache.get(l2Offset);
     const old = readL2Entry(table, l2Index, this.extendedL2);
-    const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
+    const ctx = this.l2Context;
     const types: SubclusterType[] = [];
     for (let s = 0; s < this.subclustersPerCluster; s++) {
       const t = classifyL2Entry(old, s, ctx);
@@ -1715,7 +1724,7 @@ export class Qcow2Image implements Layer {
    */
   private async treeClusters(l1: Buffer, visit: (cluster: number, isL2Table: boolean) => Promise<void>): Promise<void> {
     const cs = this.clusterSize;
-    const ctx = { extendedL2: this.extendedL2, hasDataFile: this.hasDataFile };
+    const ctx = this.l2Context;
     for (let i = 0; i < l1.length / 8; i++) {
       const l2Offset = entryOffset(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
       if (l2Offset === 0) continue;

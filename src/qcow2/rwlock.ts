@@ -38,6 +38,14 @@ export class RwLock {
     return this.sharedRelease();
   }
 
+  /**
+   * Whether tryShared() would succeed now. For a caller that does all its
+   * work before it returns: nothing else runs meanwhile, so it needs no hold.
+   */
+  sharedFree(): boolean {
+    return !this.writer && this.queue.length === 0;
+  }
+
   private sharedRelease(): () => void {
     let held = true;
     return () => {
