@@ -15,6 +15,7 @@
  * cover it; a request that came later than the longest window resets it to
  * zero, so a mount whose client pauses polls nothing at all.
  */
+import { performance } from 'perf_hooks';
 
 /** Default longest window, µs. */
 export const IDLE_POLL_MAX_US = 100;
