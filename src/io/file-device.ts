@@ -47,7 +47,14 @@ const SYNC_WRITE_MAX = 1024 * 1024;
  * stream drops nothing. Only the first read can tell: the stream's own
  * readahead has cached the ranges of the reads after it. So reads of every
  * size count, small ones too (a stream that begins with a few small reads
- * has begun, cold, with the first).
+ * has begun, cold, with the first). A read with no RWF_NOWAIT try of its
+ * own asks cachestat, except while the file's reads keep missing the cache
+ * (NOWAIT_MISS_LIMIT in a row, the run during which those tries are
+ * skipped): a new stream is then taken as cold. Every read of a cold random
+ * workload starts a new stream, and asking cost it a system call each (2% of
+ * the daemon's time at queue depth 1). A warm stream that begins during such
+ * a run drops the pages it has read, which a mount holds again in its own
+ * page cache; its first read that tries the cache and hits ends the run.
  * Dirty pages never leave the cache this way: the kernel only starts their
  * writeback.
  */
@@ -253,7 +260,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     }
     // A new stream, in a free slot or in place of the one read longest ago.
     const dropped = Math.ceil(position / DROP_UNIT) * DROP_UNIT;
-    const warm = cached ?? this.cachedWhole(position, length);
+    const warm = cached ?? (this.inMissRun() ? false : this.cachedWhole(position, length));
     if (streams.length < MAX_STREAMS) {
       streams.push({ end, dropped, warm, lastUse: now });
       return;
@@ -274,6 +281,11 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     if (upTo <= s.dropped) return;
     this.native!.dropCached(this.fd, s.dropped, upTo - s.dropped);
     s.dropped = upTo;
+  }
+
+  /** The last NOWAIT_MISS_LIMIT reads that tried the page cache all missed it (a cold, random workload). */
+  private inMissRun(): boolean {
+    return this.nowait !== null && this.misses >= NOWAIT_MISS_LIMIT;
   }
 
   /** Whether the page cache holds all of the range before it is read; without cachestat (before Linux 6.5), no. */

@@ -429,7 +429,7 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     }
   });
 
-  it('dropBehind: a new stream is told warm from cold by its first RWF_NOWAIT read, and asks cachestat only without one', async () => {
+  it('dropBehind: a new stream is told warm from cold by its first RWF_NOWAIT read, asks cachestat only without one, and not during a run of misses', async () => {
     const real = native.cacheStat;
     let asked = 0;
     let counting = false;
@@ -476,6 +476,26 @@ describe('FileDevice: drop-behind and blocking reads', () => {
         await dev3.close();
       }
       expect(asked, 'cachestat calls without RWF_NOWAIT').to.equal(1);
+      // Cold random reads: once NOWAIT_MISS_LIMIT of them have missed, most skip the
+      // RWF_NOWAIT try, and each starts a new stream taken as cold without asking.
+      const scattered = coldFile(64 * MiB);
+      const dev4 = await FileDevice.open(scattered.file, { readOnly: true, dropBehind: true });
+      try {
+        const buf = Buffer.alloc(4096);
+        await during(async () => {
+          for (let i = 0; i < 20; i++) {
+            const at = ((i * 7) % 20) * 3 * MiB;
+            expect(dev4.preadNow(buf, at, true)).to.equal(buf.length);
+            expect(buf.equals(scattered.data.subarray(at, at + buf.length))).to.equal(true);
+          }
+        });
+        // Then a stream: taken as cold, it drops behind itself.
+        await during(() => stream(dev4, scattered.data, 0, 16 * MiB));
+        expect(cached(dev4.fd, 0, 10 * MiB), 'behind a stream begun in a run of misses').to.equal(0);
+      } finally {
+        await dev4.close();
+      }
+      expect(asked, 'cachestat calls during a run of misses').to.equal(1);
     } finally {
       native.cacheStat = real;
     }
