@@ -9,6 +9,7 @@ import { randomBytes } from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import * as v8 from 'v8';
 import { FileDevice } from '../../../src/io/file-device';
 import { loadNative, type NativeModule } from '../../../src/io/native';
 import { uringReader } from '../../../src/io/uring';
@@ -41,6 +42,19 @@ describe('native module: non-blocking I/O', () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowfs-native-'));
   });
   afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('is an object with fast properties, whose reads optimized code inlines (an addon\'s own exports are a dictionary)', () => {
+    v8.setFlagsFromString('--allow-natives-syntax');
+    // eslint-disable-next-line @typescript-eslint/no-implied-eval
+    const hasFastProperties = new Function('o', 'return %HasFastProperties(o)') as (o: object) => boolean;
+    v8.setFlagsFromString('--no-allow-natives-syntax');
+    expect(hasFastProperties({ a: 1 }), 'the check itself').to.equal(true);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const raw = require(path.resolve(__dirname, '../../../../build/Release/qcowfs_native.node')) as object;
+    expect(hasFastProperties(raw), 'the addon\'s exports').to.equal(false);
+    expect(hasFastProperties(native)).to.equal(true);
+    expect(Object.keys(native).sort()).to.deep.equal(Object.keys(raw).sort());
+  });
 
   it('preadNowait serves cached bytes and checks its arguments', () => withRandomFile(dir, 64 * 1024, (fd, data) => {
     const buf = Buffer.alloc(8192);
