@@ -53,8 +53,10 @@ const SYNC_WRITE_MAX = 1024 * 1024;
  * skipped): a new stream is then taken as cold. Every read of a cold random
  * workload starts a new stream, and asking cost it a system call each (2% of
  * the daemon's time at queue depth 1). A warm stream that begins during such
- * a run drops the pages it has read, which a mount holds again in its own
- * page cache; its first read that tries the cache and hits ends the run.
+ * a run is taken as cold too, and drops what it leaves behind though another
+ * reader had cached it (a mount's raw file still holds what it served, in
+ * the kernel's cache above); the run ends at the first read that tries the
+ * cache and hits.
  * Dirty pages never leave the cache this way: the kernel only starts their
  * writeback.
  */
