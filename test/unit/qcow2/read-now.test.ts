@@ -1,7 +1,7 @@
 /**
- * Reads done on the spot (Qcow2Image.readNow) and what they rest on: a
- * shared hold of the image lock taken without waiting (RwLock.tryShared) and
- * L2 tables used straight from the cache (TableCache.getCached). readNow
+ * Reads done on the spot (Qcow2Image.readNow) and what they rest on: an
+ * image lock that nobody writes under or waits for (RwLock.sharedFree, and
+ * tryShared for the hold a read that waits takes without waiting) and L2 tables used straight from the cache (TableCache.getCached). readNow
  * must read exactly what read() reads, or read nothing and say so.
  */
 import { expect } from 'chai';
@@ -50,9 +50,10 @@ class ColdableDevice extends MemoryDevice {
   }
 }
 
-describe('RwLock.tryShared', () => {
+describe('RwLock.tryShared and sharedFree', () => {
   it('takes a shared hold at once when nobody writes, and refuses while a writer holds the lock or waits for it', async () => {
     const lock = new RwLock();
+    expect(lock.sharedFree()).to.equal(true);
     const a = lock.tryShared();
     expect(a).to.be.a('function');
     const b = lock.tryShared();
@@ -61,6 +62,7 @@ describe('RwLock.tryShared', () => {
     const order: string[] = [];
     const writing = lock.exclusive(async () => { order.push('write'); });
     expect(lock.tryShared(), 'a writer is waiting').to.equal(null);
+    expect(lock.sharedFree(), 'a writer is waiting').to.equal(false);
     a!();
     a!(); // releasing twice releases once
     expect(order).to.deep.equal([]);
@@ -69,8 +71,14 @@ describe('RwLock.tryShared', () => {
     expect(order).to.deep.equal(['write']);
     // While a writer holds it.
     let inside: (() => void) | null | undefined;
-    await lock.exclusive(async () => { inside = lock.tryShared(); });
+    let freeInside: boolean | undefined;
+    await lock.exclusive(async () => {
+      inside = lock.tryShared();
+      freeInside = lock.sharedFree();
+    });
     expect(inside).to.equal(null);
+    expect(freeInside).to.equal(false);
+    expect(lock.sharedFree(), 'free again').to.equal(true);
     const c = lock.tryShared();
     expect(c, 'free again').to.be.a('function');
     c!();
