@@ -1098,7 +1098,7 @@ export class Qcow2Image implements Layer {
     const types: SubclusterType[] = [];
     for (let s = 0; s < this.subclustersPerCluster; s++) {
       const t = classifyL2Entry(old, s, ctx);
-      if (t === SubclusterType.Invalid) throw new CorruptImageError('L2 table', l2Offset + l2Index * (this.extendedL2 ? 16 : 8), 'invalid subcluster bitmap');
+      if (t === SubclusterType.Invalid) throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, l2Index), 'invalid subcluster bitmap');
       types.push(t);
     }
     const compressed = isCompressed(old.hi);
