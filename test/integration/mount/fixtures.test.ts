@@ -320,7 +320,10 @@ describe('qcowfs mount: images read through a real mount', function () {
       sb.mount('--read-only', img, mnt);
       expectSameBytes(raw, want);
       sb.unmount(mnt);
-      expect(imageCached(), `bytes of the image (${size} in pages) cached after a warm read through the mount`).to.equal(size);
+      // Drop-behind drops whole 2 MiB units, and a warm stream taken for a cold one would drop
+      // all but its last few MiB; the kernel may meanwhile reclaim a folio or two of clean cache
+      // on its own (once, 64 KiB of it went between the read and this check).
+      expect(imageCached(), `bytes of the image (${size} in pages) cached after a warm read through the mount`).to.be.greaterThan(size - (1 << 20));
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
