@@ -374,6 +374,14 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     return st[0];
   }
 
+  /**
+   * [position, +length) of fd is still cached, as far as drop-behind goes: it drops whole 2 MiB
+   * units, while the kernel may reclaim a folio or two of clean cache on its own meanwhile.
+   */
+  function expectKept(fd: number, position: number, length: number, what?: string): void {
+    expect(cached(fd, position, length), what).to.be.greaterThan(length - MiB);
+  }
+
   /** A file of `size` random bytes that the page cache holds none of. */
   function coldFile(size: number): { file: string; data: Buffer } {
     const file = path.join(dir, 'img');
@@ -417,7 +425,7 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     const usual = await FileDevice.open(file2, { readOnly: true });
     try {
       await stream(usual, data2, 0, 32 * MiB);
-      expect(cached(usual.fd, 0, 32 * MiB)).to.equal(32 * MiB);
+      expectKept(usual.fd, 0, 32 * MiB);
     } finally {
       await usual.close();
     }
@@ -437,7 +445,7 @@ describe('FileDevice: drop-behind and blocking reads', () => {
     const dev2 = await FileDevice.open(warm.file, { readOnly: true, dropBehind: true });
     try {
       await stream(dev2, warm.data, 0, 16 * MiB);
-      expect(cached(dev2.fd, 0, 16 * MiB), 'a warm stream').to.equal(16 * MiB);
+      expectKept(dev2.fd, 0, 16 * MiB, 'a warm stream');
     } finally {
       await dev2.close();
     }
@@ -465,7 +473,7 @@ describe('FileDevice: drop-behind and blocking reads', () => {
       const dev = await FileDevice.open(warm.file, { readOnly: true, dropBehind: true });
       try {
         await during(() => stream(dev, warm.data, 0, 16 * MiB));
-        expect(cached(dev.fd, 0, 16 * MiB), 'a warm stream').to.equal(16 * MiB);
+        expectKept(dev.fd, 0, 16 * MiB, 'a warm stream');
       } finally {
         await dev.close();
       }
