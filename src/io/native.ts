@@ -62,6 +62,9 @@ export type UringHandle = { readonly __uring: unique symbol };
 /** An opaque uv_poll handle. */
 export type PollHandle = { readonly __poll: unique symbol };
 
+/** Where `npm run build` puts the module. */
+export const NATIVE_MODULE_PATH = path.resolve(__dirname, '../../../build/Release/qcowfs_native.node');
+
 let loaded: NativeModule | null | undefined;
 
 /** The native module, or null if it was not built. Set QCOWFS_NO_NATIVE=1 to pretend it was not. */
@@ -73,11 +76,11 @@ export function loadNative(): NativeModule | null {
   }
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const exports = require(path.resolve(__dirname, '../../../build/Release/qcowfs_native.node')) as NativeModule;
+    const addon = require(NATIVE_MODULE_PATH) as NativeModule;
     // A copy with the same functions: an addon's exports object is built one property at a time
     // and ends up a dictionary, whose every property read in optimized code is a call to the
     // generic load IC. The hot path reads its functions from this object several times a request.
-    loaded = { ...exports };
+    loaded = { ...addon };
   } catch {
     loaded = null;
   }

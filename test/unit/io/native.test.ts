@@ -11,7 +11,7 @@ import * as os from 'os';
 import * as path from 'path';
 import * as v8 from 'v8';
 import { FileDevice } from '../../../src/io/file-device';
-import { loadNative, type NativeModule } from '../../../src/io/native';
+import { loadNative, NATIVE_MODULE_PATH, type NativeModule } from '../../../src/io/native';
 import { uringReader } from '../../../src/io/uring';
 
 const E = os.constants.errno;
@@ -50,7 +50,7 @@ describe('native module: non-blocking I/O', () => {
     v8.setFlagsFromString('--no-allow-natives-syntax');
     expect(hasFastProperties({ a: 1 }), 'the check itself').to.equal(true);
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const raw = require(path.resolve(__dirname, '../../../../build/Release/qcowfs_native.node')) as object;
+    const raw = require(NATIVE_MODULE_PATH) as object;
     expect(hasFastProperties(raw), 'the addon\'s exports').to.equal(false);
     expect(hasFastProperties(native)).to.equal(true);
     expect(Object.keys(native).sort()).to.deep.equal(Object.keys(raw).sort());
