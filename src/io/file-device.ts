@@ -373,7 +373,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     if (buf.length === 0) return 0;
     const blocking = mayBlock && buf.length <= BLOCKING_READ_MAX;
     const nowait = this.nowait;
-    const tryCache = nowait !== null && (blocking ? this.tryNowait() : this.misses < NOWAIT_MISS_LIMIT);
+    const tryCache = nowait !== null && (blocking ? this.tryNowait() : !this.inMissRun());
     if (!tryCache && !blocking) return null;
     let done = 0;
     if (tryCache) {
@@ -414,7 +414,7 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
    * for one read in NOWAIT_PROBE_EVERY until one hits again.
    */
   private tryNowait(): boolean {
-    if (this.misses < NOWAIT_MISS_LIMIT) return true;
+    if (!this.inMissRun()) return true;
     this.probe = (this.probe + 1) % NOWAIT_PROBE_EVERY;
     return this.probe === 0;
   }
