@@ -1,8 +1,9 @@
 /**
  * Reads done on the spot (Qcow2Image.readNow) and what they rest on: an
  * image lock that nobody writes under or waits for (RwLock.sharedFree, and
- * tryShared for the hold a read that waits takes without waiting) and L2 tables used straight from the cache (TableCache.getCached). readNow
- * must read exactly what read() reads, or read nothing and say so.
+ * tryShared for the hold a read that waits takes without waiting) and L2
+ * tables used straight from the cache (TableCache.getCached). readNow must
+ * read exactly what read() reads, or read nothing and say so.
  */
 import { expect } from 'chai';
 import { MemoryDevice } from '../../../src/io/memory-device';
