@@ -30,7 +30,7 @@ const options: OptionSpec[] = [
   { name: 'refcount-cache', value: true, meta: 'SIZE', help: 'bytes of refcount blocks cached per image (default 4M)' },
   { name: 'direct-io', help: 'bypass the kernel page cache: faster big sequential transfers, far slower small reads; shared mmap needs Linux 6.6+ (kernel transport only)' },
   { name: 'max-request', value: true, meta: 'SIZE', help: 'largest read/write request to negotiate (default 1M)' },
-  { name: 'idle-poll', value: true, meta: 'USEC', help: 'once every request is answered, keep polling for the next for up to USEC microseconds, adapting to the gaps seen (default 100; 0: sleep at once; kernel transport only)' },
+  { name: 'idle-poll', value: true, meta: 'USEC', help: `once every request is answered, keep polling for the next for up to USEC microseconds, adapting to the gaps seen (default ${IDLE_POLL_MAX_US}; 0: sleep at once; kernel transport only)` },
   { name: 'debug', short: 'd', help: 'print one line per FUSE request to stderr (implies --foreground)' },
   { name: 'ready-fd', value: true, meta: 'FD', help: '(internal) report readiness on this descriptor' },
   { name: 'help', short: 'h', help: 'show this help' },

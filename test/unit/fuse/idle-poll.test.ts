@@ -84,7 +84,38 @@ describe('IdlePoll: adaptive polling between requests', () => {
     h.poll.idle(h.t());
     h.advance(0.2);
     h.poll.arrived();
-    expect(h.poll.window).to.equal(0); // a pause longer than the longest window: back to sleeping at once
+    expect(h.poll.window).to.be.closeTo(0.025, 1e-9); // a pause longer than the longest window halves it
+  });
+
+  it('halves the window at each pause longer than the longest window, down to zero', () => {
+    const h = withWindow(0.08);
+    const seen: number[] = [];
+    for (let i = 0; i < 6; i++) {
+      h.poll.idle(h.t());
+      h.advance(1);
+      h.poll.arrived();
+      seen.push(h.poll.window);
+    }
+    expect(seen[0]).to.be.closeTo(0.04, 1e-9);
+    expect(seen[1]).to.be.closeTo(0.02, 1e-9);
+    expect(seen[2]).to.be.closeTo(0.01, 1e-9);
+    expect(seen[3]).to.be.closeTo(0.005, 1e-9);
+    expect(seen[4]).to.equal(0); // below the first window: sleep at once
+    expect(seen[5]).to.equal(0);
+    h.poll.idle(h.t());
+    expect(h.queued()).to.equal(0);
+  });
+
+  it('keeps polling through one late request among prompt ones', () => {
+    const h = withWindow(0.08);
+    h.poll.idle(h.t());
+    h.advance(0.5); // the client was late once
+    h.poll.arrived();
+    h.poll.idle(h.t());
+    expect(h.queued()).to.equal(1); // still polling after the next reply
+    h.advance(0.03);
+    h.poll.arrived(); // caught
+    expect(h.poll.window).to.be.closeTo(0.04, 1e-9);
   });
 
   it('never grows past the longest window', () => {
