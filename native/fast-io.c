@@ -10,14 +10,16 @@
  * in the page cache it is copied on the spot; otherwise the call answers
  * -EAGAIN at once and the caller goes on asynchronously. (Buffered writes
  * with RWF_NOWAIT are refused by ext4 and tmpfs, so writes do without.)
- * The blocking reads and the reply writes of the hot path are plain system
- * calls here too: Node's fs.readSync and fs.writevSync add tracing checks
- * and a property lookup per buffer to each.
+ * The blocking reads, the image writes and the reply writes of the hot path
+ * are plain system calls here too: Node's fs.readSync, fs.writeSync and
+ * fs.writevSync add tracing checks, a request wrapper and a property lookup
+ * per buffer to each.
  *
  *   setNonblock(fd)                          -> 0 or errno
  *   readInto(fd, buf)                        -> bytes read, or -errno
  *   preadNowait(fd, buf, off, len, pos)      -> bytes read, or -errno
  *   preadFull(fd, buf, off, len, pos)        -> pread(2) until done or end of file: bytes read, or -errno
+ *   pwriteFull(fd, buf, off, len, pos)       -> pwrite(2) until done: bytes written, or -errno
  *   writeTwo(fd, a, b)                       -> writev(2) of a then b in one call: bytes written, or -errno
  *   seekData(fd, pos, hole)                  -> lseek(SEEK_DATA, or SEEK_HOLE if hole), or -errno
  *   dropCached(fd, pos, len)                 -> posix_fadvise(POSIX_FADV_DONTNEED) of the range: 0 or an errno
@@ -126,20 +128,34 @@ static napi_value PreadNowait(napi_env env, napi_callback_info info) {
   return native_number(env, n < 0 ? -errno : n);
 }
 
-/* pread(2) until the range is read or the file ends: bytes read, or -errno. */
-static napi_value PreadFull(napi_env env, napi_callback_info info) {
+/*
+ * pread(2) or pwrite(2) until the range is done (or, reading, the file ends):
+ * the bytes done, or -errno.
+ */
+static napi_value positioned_full(napi_env env, napi_callback_info info, const char *usage, bool writing) {
   int64_t fd, pos;
   struct iovec iov;
-  if (positioned_args(env, info, "preadFull(fd, buffer, offset, length, position)", &fd, &iov, &pos)) return NULL;
+  if (positioned_args(env, info, usage, &fd, &iov, &pos)) return NULL;
   size_t done = 0;
   while (done < iov.iov_len) {
-    ssize_t n = pread((int)fd, (char *)iov.iov_base + done, iov.iov_len - done, pos + (off_t)done);
+    char *at = (char *)iov.iov_base + done;
+    size_t left = iov.iov_len - done;
+    off_t where = pos + (off_t)done;
+    ssize_t n = writing ? pwrite((int)fd, at, left, where) : pread((int)fd, at, left, where);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return native_number(env, -errno);
     if (n == 0) break;
     done += (size_t)n;
   }
   return native_number(env, (int64_t)done);
+}
+
+static napi_value PreadFull(napi_env env, napi_callback_info info) {
+  return positioned_full(env, info, "preadFull(fd, buffer, offset, length, position)", false);
+}
+
+static napi_value PwriteFull(napi_env env, napi_callback_info info) {
+  return positioned_full(env, info, "pwriteFull(fd, buffer, offset, length, position)", true);
 }
 
 /* writev(2) of two whole buffers in one call (a reply's header and body): bytes written, or -errno. */
@@ -365,6 +381,7 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "readInto", ReadInto);
   native_export(env, exports, "preadNowait", PreadNowait);
   native_export(env, exports, "preadFull", PreadFull);
+  native_export(env, exports, "pwriteFull", PwriteFull);
   native_export(env, exports, "writeTwo", WriteTwo);
   native_export(env, exports, "seekData", SeekData);
   native_export(env, exports, "cacheStat", CacheStat);

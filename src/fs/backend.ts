@@ -17,6 +17,8 @@ export interface FileBackend {
   /** Where [offset, offset+length) lies in host files, held until release(); null: use read(). */
   mapForRead?(offset: number, length: number): Promise<HostExtents | null>;
   write(data: Buffer, offset: number): Promise<void>;
+  /** write() done on the spot when that needs no waiting (see Qcow2Image.writeNow): true, or false and nothing done. */
+  writeNow?(data: Buffer, offset: number): boolean;
   resize(size: number): Promise<void>;
   writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
   seekData(offset: number): Promise<number>;
@@ -61,6 +63,10 @@ export class ImageBackend implements FileBackend {
 
   write(data: Buffer, offset: number): Promise<void> {
     return this.image.write(data, offset);
+  }
+
+  writeNow(data: Buffer, offset: number): boolean {
+    return this.image.writeNow(data, offset);
   }
 
   resize(size: number): Promise<void> {

@@ -335,6 +335,25 @@ export class ImageFs implements FuseFilesystem {
   }
 
   /**
+   * write(), done before returning when that needs no waiting (see
+   * FileBackend.writeNow): the bytes written, or null and nothing done. Only
+   * for a file no other file of the mount aliases (whose pages would have to
+   * be dropped first) and within its size.
+   */
+  writeNow(nodeid: NodeId, _fh: FileHandle, offset: number, data: Buffer): number | null {
+    const n = this.nodes.get(nodeid);
+    const b = n?.file.backend;
+    if (n === undefined || b?.writeNow === undefined || n.file.window !== undefined || b.readOnly) return null;
+    if (offset + data.length > b.size()) return null;
+    for (const m of this.nodes.values()) if (!m.dropped && m.file.backend.withdrawn) return null;
+    // As changing() does, around a change with nothing to wait for in between.
+    this.readAhead.changed();
+    if (!b.writeNow(data, offset)) return null;
+    n.mtimeMs = n.ctimeMs = Date.now();
+    return data.length;
+  }
+
+  /**
    * Drop the kernel's cached pages of [offset, offset+length) of n as other
    * files of the same disk show them. Done before the change is answered, so
    * a read through any of them that follows sees it.

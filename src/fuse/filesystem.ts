@@ -198,6 +198,14 @@ export interface FuseFilesystem {
    * until the promise settles (it may be a view of a pooled request buffer).
    */
   write(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, offset: number, data: Buffer, flags: number): Promise<number>;
+  /**
+   * write(), done before returning when that needs no waiting: the bytes
+   * written, or null when nothing was done, and the transport then calls
+   * write(). Errors are thrown, as write() rejects with them. The transport
+   * asks this first, and answers the writes it takes without the
+   * bookkeeping of a request in flight. `data` is only valid during the call.
+   */
+  writeNow?(nodeid: NodeId, fh: FileHandle, offset: number, data: Buffer): number | null;
   flush?(ctx: RequestContext, nodeid: NodeId, fh: FileHandle): Promise<void>;
   fsync?(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, datasync: boolean): Promise<void>;
   release(ctx: RequestContext, nodeid: NodeId, fh: FileHandle, flags: number): Promise<void>;

@@ -56,7 +56,7 @@ import {
   FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, FUSE_READ, FUSE_WRITE, opcodeName, OPCODES,
 } from './abi';
 import { IdlePoll, IDLE_POLL_MAX_US } from './idle-poll';
-import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest, type ReadRequest } from './decode';
+import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest, type ReadRequest, type WriteRequest } from './decode';
 import {
   encodeAttr, encodeDirents, encodeEmpty, encodeEntry, encodeError, encodeInit, encodeLseek,
   encodeNotifyInvalInode, encodeOpen, encodeReadHeader, encodeStatfs, encodeWrite,
@@ -526,7 +526,7 @@ export class FuseSession {
       default:
         break;
     }
-    if (req.kind === 'read' && this.answerReadNow(req)) {
+    if ((req.kind === 'read' && this.answerReadNow(req)) || (req.kind === 'write' && this.answerWriteNow(req))) {
       this.giveBuffer(buf);
       return;
     }
@@ -580,6 +580,29 @@ export class FuseSession {
     } finally {
       if (this.freeReplyBuffers.length < this.maxInFlight) this.freeReplyBuffers.push(into);
     }
+  }
+
+  /**
+   * A WRITE the filesystem can do on the spot (writeNow: in place, into the
+   * host's page cache) is answered here, as answerReadNow does for reads.
+   * False: nothing was done, serve() takes it.
+   */
+  private answerWriteNow(req: WriteRequest): boolean {
+    const f = this.filesystem;
+    if (f.writeNow === undefined || this.debug) return false;
+    const started = performance.now();
+    const unique = req.header.unique;
+    try {
+      const written = f.writeNow(req.header.nodeid, req.fh, req.offset, req.data);
+      if (written === null) return false;
+      if (this.earlyInterrupts.size > 0) this.earlyInterrupts.delete(unique);
+      this.writeReply(unique, this.scratch, encodeWrite(this.scratch, unique, written), FUSE_WRITE);
+    } catch (err) {
+      this.writeReply(unique, this.scratch, encodeError(this.scratch, unique, this.errnoFor(err)), FUSE_WRITE);
+    }
+    // A WRITE lands in the host's page cache: however long it took, it did not wait for the disk.
+    if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(started, req.data.length, false);
+    return true;
   }
 
   private settled(p: Pending): void {

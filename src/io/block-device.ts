@@ -18,6 +18,13 @@ export interface BlockDevice {
   preadNow?(buf: Buffer, offset: number, mayBlock: boolean): number | null;
   /** Write all of `buf` at `offset`, growing the device if needed. */
   pwrite(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * The same write, done before returning when it can be without waiting on
+   * anything but the host's page cache: true, or false when it would have
+   * to wait or the write failed (the caller then uses pwrite(), which writes
+   * it all again and reports the error).
+   */
+  pwriteNow?(buf: Buffer, offset: number): boolean;
   /** Make every completed write durable. */
   flush(): Promise<void>;
   /** Set the device size (grow with zeroes or shrink). */

@@ -433,9 +433,10 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     if (buf.length <= SYNC_WRITE_MAX) {
       // A small write only copies into the page cache: doing it here saves a thread-pool round trip.
       let n = 0;
+      // An error: written again through Node, which reports it as Node does.
+      if (this.native !== null && this.native.pwriteFull(this.fd, buf, 0, buf.length, offset) === buf.length) n = buf.length;
       while (n < buf.length) n += fs.writeSync(this.fd, buf, n, buf.length - n, offset + n);
-      if (offset + buf.length > this.length) this.length = offset + buf.length;
-      this.written(offset, buf.length);
+      this.wroteNow(offset, buf.length);
       return;
     }
     let done = 0;
@@ -446,6 +447,24 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     this.unsynced = true;
     if (offset + buf.length > this.length) this.length = offset + buf.length;
     this.written(offset, buf.length);
+  }
+
+  /**
+   * pwrite() of a write up to SYNC_WRITE_MAX, which it would make on the spot
+   * anyway, with the native module: false when it failed, and pwrite() then
+   * writes it all again and reports the error.
+   */
+  pwriteNow(buf: Buffer, offset: number): boolean {
+    if (this.readOnly || this.native === null || buf.length > SYNC_WRITE_MAX) return false;
+    this.unsynced = true;
+    if (this.native.pwriteFull(this.fd, buf, 0, buf.length, offset) !== buf.length) return false;
+    this.wroteNow(offset, buf.length);
+    return true;
+  }
+
+  private wroteNow(offset: number, length: number): void {
+    if (offset + length > this.length) this.length = offset + length;
+    this.written(offset, length);
   }
 
   /** A write of [position, position+length) is done: follow the run of sequential writes (see WRITEBACK_LAG). */

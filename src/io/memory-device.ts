@@ -46,6 +46,17 @@ export class MemoryDevice implements BlockDevice {
 
   async pwrite(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) throw Object.assign(new Error('device is read-only'), { code: 'EROFS' });
+    this.store(buf, offset);
+  }
+
+  /** Memory never makes a write wait: every write is done on the spot (false only when read-only). */
+  pwriteNow(buf: Buffer, offset: number): boolean {
+    if (this.readOnly) return false;
+    this.store(buf, offset);
+    return true;
+  }
+
+  private store(buf: Buffer, offset: number): void {
     this.stats.writes++;
     this.stats.bytesWritten += buf.length;
     this.ensure(offset + buf.length);

@@ -18,6 +18,8 @@ export interface NativeModule {
   preadNowait(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
   /** pread(2) into buf[offset, offset+length) until it is full or the file ends: bytes read, or -errno. */
   preadFull(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
+  /** pwrite(2) of buf[offset, offset+length) until it is all written: bytes written, or -errno. */
+  pwriteFull(fd: number, buf: Buffer, offset: number, length: number, position: number): number;
   /** writev(2) of `first` then `second` in one call: bytes written, or -errno. */
   writeTwo(fd: number, first: Buffer, second: Buffer): number;
   /** Inflate raw deflate `src` into all of `dst` on the threadpool (QEMU's rule: dst exactly filled). */

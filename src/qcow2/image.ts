@@ -1013,6 +1013,30 @@ export class Qcow2Image implements Layer {
     await this.exclusive(() => this.writeLocked(data, offset));
   }
 
+  /**
+   * write(), done before returning when it changes no metadata and needs no
+   * waiting: the shared lock is free, the L2 table is cached, the range is one
+   * run of data in clusters this image owns (in place, as write() would do
+   * under the shared lock), and the device writes it on the spot
+   * (BlockDevice.pwriteNow). True: written. False: nothing was done that
+   * write() would not do again, use write(). Errors of the request itself
+   * (read-only, corrupt, out of range) are thrown; anything found wrong on
+   * the way is left to write(), which reports it.
+   */
+  writeNow(data: Buffer, offset: number): boolean {
+    this.checkWritable();
+    this.checkRange(offset, data.length);
+    if (data.length === 0 || !this.lock.sharedFree() || this.dataDev.pwriteNow === undefined) return false;
+    try {
+      const run = this.lookupCached(offset, data.length);
+      if (run === null || !run.writable || run.length !== data.length) return false;
+      this.checkDataOverlap(run.hostOffset, data.length);
+      return this.dataDev.pwriteNow(data, run.hostOffset);
+    } catch {
+      return false;
+    }
+  }
+
   /** Run a metadata-changing operation; corruption found on the way stops all writing. */
   private async exclusive<T>(fn: () => Promise<T>): Promise<T> {
     return this.lock.exclusive(async () => {

@@ -198,6 +198,37 @@ for (const mode of ['poll', 'threadpool'] as const) {
       if (mode === 'poll') expect(mfs.stats.readNows[7], 'the last one is alone').to.equal(true);
     });
 
+    it('answers a WRITE the filesystem does on the spot (writeNow) without write()', async () => {
+      const initial = randomBytes(MiB);
+      const m = await mountMemory({ directIo: true, writeNow: 'serve' }, initial);
+      const data = randomBytes(64 * 1024);
+      const src = outside('src', data);
+      await shOk(`dd if=${src} of=${filePath(m)} bs=4k seek=8 oflag=direct conv=notrunc status=none`);
+      expect([mfs.stats.writeNows, mfs.stats.writes], '[writeNow, write() calls]').to.deep.equal([16, 0]);
+      expect(mfs.data.subarray(32 * 1024, 96 * 1024).equals(data)).to.equal(true);
+      expect(mfs.data.subarray(0, 32 * 1024).equals(initial.subarray(0, 32 * 1024))).to.equal(true);
+      expect(mfs.data.subarray(96 * 1024, MiB).equals(initial.subarray(96 * 1024))).to.equal(true);
+    });
+
+    it('calls write() for a WRITE the filesystem declines to do on the spot, and maps what writeNow throws to an errno', async () => {
+      const initial = randomBytes(MiB);
+      const m = await mountMemory({ directIo: true, writeNow: 'decline' }, initial);
+      const data = randomBytes(16 * 1024);
+      const src = outside('src', data);
+      await shOk(`dd if=${src} of=${filePath(m)} bs=4k seek=3 oflag=direct conv=notrunc status=none`);
+      expect([mfs.stats.writeNows, mfs.stats.writes]).to.deep.equal([4, 4]);
+      expect(mfs.data.subarray(12 * 1024, 28 * 1024).equals(data)).to.equal(true);
+      await cleanupMount(t);
+      mfs = new MemoryFs({ directIo: true, writeNow: 'throw' });
+      mfs.preload(0, initial);
+      t = await mountForTest(mfs, { pollDevice: mode === 'poll' });
+      const r = await sh(`dd if=${src} of=${filePath(t)} bs=4k count=1 oflag=direct conv=notrunc status=none`);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr).to.match(/Invalid or incomplete multibyte or wide character/); // EILSEQ
+      expect(mfs.stats.writes).to.equal(0);
+      expect(mfs.data.equals(initial)).to.equal(true);
+    });
+
     it('calls read() for a READ the filesystem declines to serve on the spot, and maps what readNow throws to an errno', async () => {
       const initial = randomBytes(MiB);
       const m = await mountMemory({ directIo: true, readNow: 'decline' }, initial);

@@ -31,6 +31,8 @@ export interface MemoryFsOptions {
   readNow?: 'serve' | 'decline' | 'throw';
   /** The first readNow holds up the event loop this long (so that the requests sent meanwhile queue up). */
   readNowStallMs?: number;
+  /** Answer writeNow: write on the spot, decline (the transport then calls write()), or throw. Unset: decline without counting. */
+  writeNow?: 'serve' | 'decline' | 'throw';
 }
 
 export interface MemoryFsStats {
@@ -44,6 +46,8 @@ export interface MemoryFsStats {
   soleReads: Array<boolean | undefined>;
   /** `mayBlock` of each readNow call (when the option is set). */
   readNows: boolean[];
+  /** writeNow calls (when the option is set). */
+  writeNows: number;
   lseeks: Array<{ offset: number; whence: number; result: number | string }>;
   fallocates: Array<{ offset: number; length: number; mode: number }>;
   readdirs: number;
@@ -60,7 +64,7 @@ export class MemoryFs implements FuseFilesystem {
   readonly allocated = new Set<number>();
   readonly stats: MemoryFsStats = {
     maxReadSize: 0, maxWriteSize: 0, reads: 0, writes: 0, inFlightReads: 0, peakInFlightReads: 0, soleReads: [], readNows: [],
-    lseeks: [], fallocates: [], readdirs: 0, destroyed: 0,
+    writeNows: 0, lseeks: [], fallocates: [], readdirs: 0, destroyed: 0,
   };
   private mtimeMs = Date.now();
   private nextFh = 1;
@@ -176,6 +180,18 @@ export class MemoryFs implements FuseFilesystem {
   async write(_ctx: RequestContext, nodeid: NodeId, _fh: number, offset: number, data: Buffer): Promise<number> {
     if (nodeid !== this.fileIno) throw new FuseErrno(E.EISDIR);
     this.stats.writes++;
+    return this.store(offset, data);
+  }
+
+  writeNow(nodeid: NodeId, _fh: number, offset: number, data: Buffer): number | null {
+    if (this.opts.writeNow === undefined || nodeid !== this.fileIno) return null;
+    this.stats.writeNows++;
+    if (this.opts.writeNow === 'decline') return null;
+    if (this.opts.writeNow === 'throw') throw new FuseErrno(E.EILSEQ, 'writeNow refuses');
+    return this.store(offset, data);
+  }
+
+  private store(offset: number, data: Buffer): number {
     this.stats.maxWriteSize = Math.max(this.stats.maxWriteSize, data.length);
     this.ensureCapacity(offset + data.length);
     data.copy(this.data, offset);

@@ -145,6 +145,44 @@ describe('ImageFs: read-ahead of direct-I/O files', () => {
     await img.close();
   });
 
+  it('a write done on the spot (writeNow) in between wins over what was read ahead too', async () => {
+    const { fs, img, data } = await mount(true);
+    const into = Buffer.alloc(MiB);
+    const piece = 128 * 1024;
+    for (let at = 0; at < 4 * piece; at += piece) {
+      fs.readNow(2, 0, at, piece, into, false);
+      await nextTurn();
+    }
+    const fresh = Buffer.alloc(4096, 0xcd);
+    expect(fs.writeNow(2, 0, 4 * piece + 100, fresh)).to.equal(4096);
+    const got = fs.readNow(2, 0, 4 * piece, piece, into, false)!;
+    expect(got.subarray(100, 4196).equals(fresh), 'the write, not what was read ahead').to.equal(true);
+    expect(got.subarray(0, 100).equals(data.subarray(4 * piece, 4 * piece + 100))).to.equal(true);
+    await img.close();
+  });
+
+  it('writeNow leaves to write() what grows the file, and files other files of the mount alias', async () => {
+    const dev = new MemoryDevice();
+    await createOnDevice(dev, { size: 8 * MiB, clusterSize: 65536 });
+    const img = await Qcow2Image.open(dev);
+    await img.write(patternBuffer(MiB, 4), 0);
+    const backend = new ImageBackend(img);
+    const plain = new ImageFs([{ name: 'disk.raw', backend, hostPath: '/' }], { rootIsFile: false, uid: 0, gid: 0 });
+    expect(plain.writeNow(2, 0, 4096, Buffer.alloc(4096, 1))).to.equal(4096);
+    expect(plain.writeNow(2, 0, 8 * MiB - 2048, Buffer.alloc(4096, 1)), 'past the end').to.equal(null);
+    expect(plain.writeNow(99, 0, 0, Buffer.alloc(4096, 1)), 'no such file').to.equal(null);
+    const disk = {};
+    const aliased = new ImageFs([
+      { name: 'disk.raw', backend, hostPath: '/', window: { disk, start: 0 } },
+      { name: 'disk-p1.raw', backend, hostPath: '/', window: { disk, start: MiB } },
+    ], { rootIsFile: false, uid: 0, gid: 0 });
+    expect(aliased.writeNow(2, 0, 4096, Buffer.alloc(4096, 2)), 'an aliased file').to.equal(null);
+    const back = Buffer.alloc(8192);
+    await img.read(back, 4096);
+    expect(back.subarray(0, 4096).equals(Buffer.alloc(4096, 1))).to.equal(true);
+    await img.close();
+  });
+
   it('reads nothing ahead of a file served through the page cache', async () => {
     const { fs, img, data } = await mount(false);
     const into = Buffer.alloc(MiB);

@@ -93,6 +93,57 @@ describe('native module: non-blocking I/O', () => {
     expect(native.writeTwo(-1, a, b)).to.equal(-E.EBADF);
   }));
 
+  it('pwriteFull writes a part of the buffer at a position, and answers an error as -errno', () => {
+    const file = path.join(dir, 'w');
+    const fd = fs.openSync(file, 'w+');
+    try {
+      const data = randomBytes(12288);
+      expect(native.pwriteFull(fd, data, 4096, 8192, 100)).to.equal(8192);
+      const back = fs.readFileSync(file);
+      expect(back.length).to.equal(8292);
+      expect(back.subarray(0, 100).equals(Buffer.alloc(100))).to.equal(true);
+      expect(back.subarray(100).equals(data.subarray(4096))).to.equal(true);
+      expect(native.pwriteFull(fd, data, 0, 4096, 2 ** 52)).to.equal(-E.EFBIG);
+      expect(() => native.pwriteFull(fd, data, 8192, 8192, 0)).to.throw(TypeError); // outside the buffer
+    } finally {
+      fs.closeSync(fd);
+    }
+    const ro = fs.openSync(file, 'r');
+    try {
+      expect(native.pwriteFull(ro, Buffer.alloc(10), 0, 10, 0)).to.equal(-E.EBADF);
+    } finally {
+      fs.closeSync(ro);
+    }
+  });
+
+  it('FileDevice writes through pwriteFull, and reports a failed write as Node does', async () => {
+    const file = path.join(dir, 'img');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    const dev = await FileDevice.open(file);
+    const real = native.pwriteFull;
+    const results: number[] = [];
+    native.pwriteFull = (...args) => {
+      const r = real(...args);
+      results.push(r);
+      return r;
+    };
+    try {
+      const data = randomBytes(65536);
+      await dev.pwrite(data, 4096);
+      expect(results).to.deep.equal([65536]);
+      expect(dev.size()).to.equal(4096 + 65536);
+      expect(fs.readFileSync(file).subarray(4096).equals(data)).to.equal(true);
+      const err = await dev.pwrite(Buffer.alloc(4096), 2 ** 52).then(() => null, (e: unknown) => e as NodeJS.ErrnoException);
+      expect(results).to.deep.equal([65536, -E.EFBIG]);
+      expect(err).to.be.instanceOf(Error);
+      expect(err!.code).to.equal('EFBIG');
+      expect(err!.syscall).to.equal('write');
+    } finally {
+      native.pwriteFull = real;
+      await dev.close();
+    }
+  });
+
   it('readInto on a non-blocking FIFO answers -EAGAIN when empty, then the bytes', () => {
     const fifo = path.join(dir, 'q');
     execFileSync('mkfifo', [fifo]);

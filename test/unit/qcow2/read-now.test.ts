@@ -3,11 +3,12 @@
  * image lock that nobody writes under or waits for (RwLock.sharedFree, and
  * tryShared for the hold a read that waits takes without waiting) and L2
  * tables used straight from the cache (TableCache.getCached). readNow must
- * read exactly what read() reads, or read nothing and say so.
+ * read exactly what read() reads, or read nothing and say so. The same for
+ * writes in place (Qcow2Image.writeNow).
  */
 import { expect } from 'chai';
 import { MemoryDevice } from '../../../src/io/memory-device';
-import { Qcow2Image, createOnDevice, CorruptImageError } from '../../../src/qcow2';
+import { Qcow2Image, createOnDevice, checkImage, CorruptImageError, ReadOnlyImageError } from '../../../src/qcow2';
 import { RwLock } from '../../../src/qcow2/rwlock';
 import { TableCache } from '../../../src/qcow2/table-cache';
 import { patternBuffer } from '../../helpers/qemu';
@@ -200,6 +201,106 @@ describe('Qcow2Image.readNow', () => {
       expect(again.readOnly).to.equal(true);
     } finally {
       await again.close();
+    }
+  });
+});
+
+describe('Qcow2Image.writeNow', () => {
+  const size = 8 * MiB;
+  const cs = 64 * KiB;
+
+  /** Data in the first 2 MiB, a zero cluster at 3 MiB, the rest unallocated; reopened, so nothing is cached. */
+  async function image(): Promise<{ dev: ColdableDevice; img: Qcow2Image }> {
+    const dev = new ColdableDevice();
+    await createOnDevice(dev, { size, clusterSize: cs });
+    let img = await Qcow2Image.open(dev);
+    await img.write(patternBuffer(2 * MiB, 5), 0);
+    await img.writeZeroes(3 * MiB, cs);
+    await img.close();
+    img = await Qcow2Image.open(dev);
+    return { dev, img };
+  }
+
+  async function readBack(img: Qcow2Image, offset: number, length: number): Promise<Buffer> {
+    const b = Buffer.alloc(length);
+    await img.read(b, offset);
+    return b;
+  }
+
+  it('writes in place, with one device write and no metadata, once the L2 table is cached', async () => {
+    const { dev, img } = await image();
+    const data = patternBuffer(200, 7);
+    const writes = dev.stats.writes;
+    // A fresh open has no L2 table cached.
+    expect(img.writeNow(data, 0)).to.equal(false);
+    expect(dev.stats.writes).to.equal(writes);
+    await readBack(img, 0, 4096);
+    for (const offset of [0, cs - 100, 2 * MiB - 200]) {
+      expect(img.writeNow(data, offset), `writeNow at ${offset}`).to.equal(true);
+      expect((await readBack(img, offset, 200)).equals(data)).to.equal(true);
+    }
+    expect(dev.stats.writes - writes, 'one device write each').to.equal(3);
+    const big = patternBuffer(MiB, 8);
+    expect(img.writeNow(big, 512 * KiB)).to.equal(true);
+    await img.close();
+    const again = await Qcow2Image.open(dev);
+    try {
+      expect((await readBack(again, 512 * KiB, MiB)).equals(big)).to.equal(true);
+      expect((await readBack(again, 2 * MiB - 200, 200)).equals(data)).to.equal(true);
+      const r = await checkImage(again);
+      expect([r.corruptions, r.leaks, r.checkErrors]).to.deep.equal([0, 0, 0]);
+    } finally {
+      await again.close();
+    }
+  });
+
+  it('writes nothing and says so where write() must allocate or copy: holes, zero clusters, shared clusters', async () => {
+    const { dev, img } = await image();
+    await readBack(img, 0, 4096);
+    const data = Buffer.alloc(8192, 0x42);
+    const writes = dev.stats.writes;
+    expect(img.writeNow(data, 5 * MiB), 'unallocated').to.equal(false);
+    expect(img.writeNow(data, 3 * MiB), 'zero cluster').to.equal(false);
+    expect(img.writeNow(data, 2 * MiB - 4096), 'data, then unallocated').to.equal(false);
+    expect(dev.stats.writes).to.equal(writes);
+    // After a snapshot the clusters are shared (OFLAG_COPIED clear): a write must copy them.
+    await img.createSnapshot('before');
+    await readBack(img, 0, 4096);
+    expect(img.writeNow(data, 0), 'shared with a snapshot').to.equal(false);
+    await img.write(data, 0);
+    expect((await readBack(img, 0, 8192)).equals(data)).to.equal(true);
+    expect(img.writeNow(data, 4096), 'the copy is the image\'s own').to.equal(true);
+    await img.close();
+    const snap = await Qcow2Image.open(dev, { snapshot: 'before', readOnly: true });
+    try {
+      expect((await readBack(snap, 0, 8192)).equals(patternBuffer(2 * MiB, 5).subarray(0, 8192))).to.equal(true);
+    } finally {
+      await snap.close();
+    }
+  });
+
+  it('does not write while a writer holds the image, throws what write() throws, and needs a device that writes on the spot', async () => {
+    const { dev, img } = await image();
+    await readBack(img, 0, 4096);
+    const release = dev.holdWrites();
+    const writing = img.write(Buffer.alloc(4096, 1), 6 * MiB); // allocates: takes the lock alone
+    await dev.writing;
+    const during = img.writeNow(Buffer.alloc(4096, 2), 0);
+    release();
+    await writing;
+    expect(during, 'written while the writer was inside').to.equal(false);
+    expect((await readBack(img, 0, 4096)).equals(patternBuffer(2 * MiB, 5).subarray(0, 4096))).to.equal(true);
+    expect(img.writeNow(Buffer.alloc(4096, 2), 0), 'once it is done').to.equal(true);
+    expect(() => img.writeNow(Buffer.alloc(4096), size - 2048)).to.throw(/past the virtual disk/);
+    Object.defineProperty(dev, 'pwriteNow', { value: undefined });
+    expect(img.writeNow(Buffer.alloc(4096, 3), 0)).to.equal(false);
+    await img.close();
+    const ro = await Qcow2Image.open(dev, { readOnly: true });
+    try {
+      await readBack(ro, 0, 4096);
+      expect(() => ro.writeNow(Buffer.alloc(4096), 0)).to.throw(ReadOnlyImageError);
+    } finally {
+      await ro.close();
     }
   });
 });
