@@ -432,9 +432,9 @@ export class FileDevice implements BlockDevice, HoleMap, FileBacked {
     this.unsynced = true;
     if (buf.length <= SYNC_WRITE_MAX) {
       // A small write only copies into the page cache: doing it here saves a thread-pool round trip.
+      if (this.pwriteNow(buf, offset)) return;
+      // Without the native module, or after an error: through Node, which reports it as Node does.
       let n = 0;
-      // An error: written again through Node, which reports it as Node does.
-      if (this.native !== null && this.native.pwriteFull(this.fd, buf, 0, buf.length, offset) === buf.length) n = buf.length;
       while (n < buf.length) n += fs.writeSync(this.fd, buf, n, buf.length - n, offset + n);
       this.wroteNow(offset, buf.length);
       return;
