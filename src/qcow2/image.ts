@@ -1128,7 +1128,7 @@ export class Qcow2Image implements Layer {
     const compressed = isCompressed(old.hi);
     const oldHost = compressed ? 0 : entryOffset(old.hi, old.lo);
     const hasOldHost = !compressed && (oldHost !== 0 || (this.hasDataFile && isCopied(old.hi)));
-    if (hasOldHost && oldHost % cs !== 0) throw new CorruptImageError('L2 table', l2Offset + l2Index * 8, `cluster offset 0x${oldHost.toString(16)} not cluster aligned`);
+    if (hasOldHost && oldHost % cs !== 0) throw new CorruptImageError('L2 table', this.l2EntryAt(l2Offset, l2Index), `cluster offset 0x${oldHost.toString(16)} not cluster aligned`);
     const ownHost = hasOldHost && (isCopied(old.hi) || this.hasDataFile);
     const firstSc = Math.floor(inCluster / scs);
     const lastSc = Math.floor((inCluster + data.length - 1) / scs);
