@@ -30,6 +30,9 @@
  *                                               cache, out[1] = bytes dirty or under writeback (cachestat)
  *   pollCreate(fd, cb)                       -> handle; cb(status) when readable
  *   pollStart(h) / pollStop(h) / pollClose(h)
+ *   pollSpin(h, us)                          -> keep the event loop turning without sleeping (its
+ *                                               poll phase then checks the device with a zero timeout)
+ *                                               for the next `us` microseconds; 0 stops at once
  *
  * None of these throw for an I/O error: errors are returned as -errno so the
  * hot path needs no exception handling. They throw only for bad arguments.
@@ -198,10 +201,17 @@ static napi_value SeekData(napi_env env, napi_callback_info info) {
 
 typedef struct {
   uv_poll_t handle;
+  /* Active while spinning: an active idle handle makes the loop poll with a
+   * zero timeout, and its callback runs in C, so spinning runs no JavaScript
+   * and allocates nothing (setImmediate allocates on every turn). */
+  uv_idle_t spin;
+  uint64_t spin_until; /* uv_hrtime() deadline, ns */
   napi_env env;
   native_callback_t callback;
   int active;
+  int spinning;
   int closing;
+  int open_handles;
 } poller_t;
 
 static void on_poll(uv_poll_t *handle, int status, int events) {
@@ -217,7 +227,16 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
 }
 
 static void on_closed(uv_handle_t *handle) {
-  free(handle->data);
+  poller_t *p = handle->data;
+  if (--p->open_handles == 0) free(p);
+}
+
+static void on_spin(uv_idle_t *handle) {
+  poller_t *p = handle->data;
+  if (uv_hrtime() >= p->spin_until) {
+    uv_idle_stop(&p->spin);
+    p->spinning = 0;
+  }
 }
 
 static poller_t *get_poller(napi_env env, napi_callback_info info) {
@@ -260,7 +279,10 @@ static napi_value PollCreate(napi_env env, napi_callback_info info) {
     napi_throw_error(env, uv_err_name(r), uv_strerror(r));
     return NULL;
   }
+  uv_idle_init(loop, &p->spin);
   p->handle.data = p;
+  p->spin.data = p;
+  p->open_handles = 2;
   p->env = env;
   native_callback_init(env, &p->callback, a.argv[1], "qcowfs.poll");
   napi_value ext;
@@ -300,8 +322,33 @@ static napi_value PollClose(napi_env env, napi_callback_info info) {
   if (p->closing) return native_number(env, 0);
   p->closing = 1;
   p->active = 0;
+  p->spinning = 0;
   native_callback_free(env, &p->callback);
   uv_close((uv_handle_t *)&p->handle, on_closed);
+  uv_close((uv_handle_t *)&p->spin, on_closed);
+  return native_number(env, 0);
+}
+
+static napi_value PollSpin(napi_env env, napi_callback_info info) {
+  args_t a;
+  int64_t us;
+  if (get_args(env, info, &a, 2) || get_int(env, a.argv[1], &us)) {
+    napi_throw_type_error(env, NULL, "pollSpin(handle, microseconds)");
+    return NULL;
+  }
+  poller_t *p = get_poller(env, info);
+  if (p == NULL) return NULL;
+  if (us <= 0) {
+    if (p->spinning) uv_idle_stop(&p->spin);
+    p->spinning = 0;
+    return native_number(env, 0);
+  }
+  p->spin_until = uv_hrtime() + (uint64_t)us * 1000;
+  if (!p->spinning) {
+    int r = uv_idle_start(&p->spin, on_spin);
+    if (r != 0) return native_number(env, r);
+    p->spinning = 1;
+  }
   return native_number(env, 0);
 }
 
@@ -392,4 +439,5 @@ void register_fast_io(napi_env env, napi_value exports) {
   native_export(env, exports, "pollStart", PollStart);
   native_export(env, exports, "pollStop", PollStop);
   native_export(env, exports, "pollClose", PollClose);
+  native_export(env, exports, "pollSpin", PollSpin);
 }

@@ -49,16 +49,50 @@ export const IDLE_POLL_COPY_BYTES_PER_MS = 2e6;
 /** The first window once a gap shows that polling would have caught a request, ms. */
 const START_MS = 0.004;
 
+/**
+ * Keeps the event loop turning without sleeping for `ms` from now (0: stop
+ * now). The session's is the native module's pollSpin, which does it in C;
+ * turningWith() makes one from a clock and a way to run a function on the
+ * loop's next turn.
+ */
+export type KeepAwake = (ms: number) => void;
+
+/**
+ * A KeepAwake that re-queues itself on every turn with `later` until the
+ * deadline (setImmediate by default: it allocates on every turn, so the
+ * session uses the native spinner when it has one).
+ */
+export function turningWith(
+  now: () => number = () => performance.now(),
+  later: (f: () => void) => void = setImmediate,
+): KeepAwake {
+  let until = 0;
+  let ticking = false;
+  const tick = (): void => {
+    if (until === 0 || now() >= until) {
+      ticking = false;
+      return;
+    }
+    later(tick);
+  };
+  return (ms: number): void => {
+    until = ms > 0 ? now() + ms : 0;
+    if (until !== 0 && !ticking) {
+      ticking = true;
+      later(tick);
+    }
+  };
+}
+
 export class IdlePoll {
   private windowMs = 0;
   private idleSince = -1;
-  private until = 0;
-  private ticking = false;
+  private awake = false;
 
   constructor(
     private readonly maxMs: number,
     private readonly now: () => number = () => performance.now(),
-    private readonly later: (f: () => void) => void = setImmediate,
+    private readonly keepAwake: KeepAwake = turningWith(now),
   ) {}
 
   /** The current window, ms (0: the loop sleeps as soon as it is idle). */
@@ -89,11 +123,8 @@ export class IdlePoll {
     }
     this.idleSince = t;
     if (this.windowMs <= 0) return;
-    this.until = t + this.windowMs;
-    if (!this.ticking) {
-      this.ticking = true;
-      this.later(this.tick);
-    }
+    this.awake = true;
+    this.keepAwake(this.windowMs);
   }
 
   /** A request arrived while none was in flight: stop polling, and fit the window to the gap. */
@@ -101,7 +132,7 @@ export class IdlePoll {
     if (this.idleSince < 0) return;
     const gap = this.now() - this.idleSince;
     this.idleSince = -1;
-    this.until = 0;
+    this.sleep();
     if (gap <= this.windowMs) return; // caught by polling
     if (gap <= this.maxMs) this.windowMs = Math.min(this.maxMs, Math.max(this.windowMs * 2, START_MS, gap));
     else this.windowMs = this.windowMs / 2 < START_MS ? 0 : this.windowMs / 2;
@@ -109,16 +140,14 @@ export class IdlePoll {
 
   /** Stop polling for good (the session ends). */
   stop(): void {
-    this.until = 0;
+    this.sleep();
     this.idleSince = -1;
     this.windowMs = 0;
   }
 
-  private readonly tick = (): void => {
-    if (this.until === 0 || this.now() >= this.until) {
-      this.ticking = false;
-      return;
-    }
-    this.later(this.tick);
-  };
+  private sleep(): void {
+    if (!this.awake) return;
+    this.awake = false;
+    this.keepAwake(0);
+  }
 }

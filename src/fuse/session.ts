@@ -333,7 +333,13 @@ export class FuseSession {
       this.poll = native.pollCreate(this.fd, () => this.onReadable());
       native.pollStart(this.poll);
       const us = this.opts.idlePollUs ?? IDLE_POLL_MAX_US;
-      if (us > 0) this.idlePoll = new IdlePoll(us / 1000);
+      if (us > 0) {
+        const poll = this.poll;
+        // Spun in C: setImmediate would allocate on every turn of the loop.
+        this.idlePoll = new IdlePoll(us / 1000, undefined, (ms) => {
+          if (this.poll === poll) native.pollSpin(poll, Math.ceil(ms * 1000));
+        });
+      }
       return;
     }
     for (let i = 0; i < this.readers; i++) {

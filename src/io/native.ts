@@ -56,6 +56,12 @@ export interface NativeModule {
   pollStart(h: PollHandle): number;
   pollStop(h: PollHandle): number;
   pollClose(h: PollHandle): number;
+  /**
+   * Keep the event loop turning without sleeping for the next `us`
+   * microseconds (its poll phase then checks h's fd with a zero timeout);
+   * 0 stops at once. Runs no JavaScript and allocates nothing per turn.
+   */
+  pollSpin(h: PollHandle, us: number): number;
 }
 
 /** An opaque io_uring. */

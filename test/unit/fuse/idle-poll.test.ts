@@ -2,13 +2,13 @@
  * IdlePoll's window on a fake clock and a hand-run immediate queue.
  */
 import { expect } from 'chai';
-import { IdlePoll } from '../../../src/fuse/idle-poll';
+import { IdlePoll, turningWith } from '../../../src/fuse/idle-poll';
 
 function harness(maxMs: number): { poll: IdlePoll; t: () => number; advance: (ms: number) => void; turns: () => number; queued: () => number } {
   let t = 0;
   let queue: Array<() => void> = [];
   let turns = 0;
-  const poll = new IdlePoll(maxMs, () => t, (f) => queue.push(f));
+  const poll = new IdlePoll(maxMs, () => t, turningWith(() => t, (f) => queue.push(f)));
   return {
     poll,
     t: () => t,

@@ -9,6 +9,7 @@ import { randomBytes } from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { performance } from 'perf_hooks';
 import * as v8 from 'v8';
 import { FileDevice } from '../../../src/io/file-device';
 import { loadNative, NATIVE_MODULE_PATH, type NativeModule } from '../../../src/io/native';
@@ -192,6 +193,41 @@ describe('native module: non-blocking I/O', () => {
       native.pollClose(h);
       expect(() => native.pollStart(h)).to.throw(/closed/);
       fs.closeSync(wr);
+      fs.closeSync(rd);
+    }
+  });
+
+  it('pollSpin keeps the loop from sleeping until its deadline, until told 0, or until the handle closes', async () => {
+    const fifo = path.join(dir, 's');
+    execFileSync('mkfifo', [fifo]);
+    const rd = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    // Event-loop utilization over a 60 ms wait: the share of it the loop did not spend asleep in its poll phase.
+    const busyWhileWaiting = async (): Promise<number> => {
+      const before = performance.eventLoopUtilization();
+      await new Promise((r) => setTimeout(r, 60));
+      return performance.eventLoopUtilization(before).utilization;
+    };
+    const h = native.pollCreate(rd, () => {});
+    let closed = false;
+    try {
+      native.pollStart(h);
+      expect(await busyWhileWaiting(), 'not spinning').to.be.below(0.5);
+      expect(native.pollSpin(h, 10_000_000)).to.equal(0);
+      expect(await busyWhileWaiting(), 'spinning').to.be.above(0.8);
+      native.pollSpin(h, 0);
+      expect(await busyWhileWaiting(), 'told 0').to.be.below(0.5);
+      native.pollSpin(h, 20_000);
+      await new Promise((r) => setTimeout(r, 40));
+      expect(await busyWhileWaiting(), 'past its deadline').to.be.below(0.5);
+      expect(() => native.pollSpin(h, -1 as unknown as number)).to.not.throw();
+      expect(() => (native.pollSpin as (h: unknown) => number)(h)).to.throw(TypeError);
+      native.pollSpin(h, 10_000_000);
+      native.pollClose(h);
+      closed = true;
+      expect(await busyWhileWaiting(), 'closed').to.be.below(0.5);
+      expect(() => native.pollSpin(h, 1000)).to.throw(/closed/);
+    } finally {
+      if (!closed) native.pollClose(h);
       fs.closeSync(rd);
     }
   });
