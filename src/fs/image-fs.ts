@@ -63,6 +63,11 @@ interface Node {
   dropped?: boolean;
 }
 
+/** The file stopped serving its content and the kernel's pages of it are still to be dropped (dropWithdrawn). */
+function toDrop(m: Node): boolean {
+  return !m.dropped && m.file.backend.withdrawn === true;
+}
+
 export interface ImageFsOptions {
   rootIsFile: boolean;
   uid: number;
@@ -345,7 +350,7 @@ export class ImageFs implements FuseFilesystem {
     const b = n?.file.backend;
     if (n === undefined || b?.writeNow === undefined || n.file.window !== undefined || b.readOnly) return null;
     if (offset + data.length > b.size()) return null;
-    for (const m of this.nodes.values()) if (!m.dropped && m.file.backend.withdrawn) return null;
+    for (const m of this.nodes.values()) if (toDrop(m)) return null; // dropWithdrawn() must run first
     // As changing() does, around a change with nothing to wait for in between.
     this.readAhead.changed();
     if (!b.writeNow(data, offset)) return null;
@@ -386,7 +391,7 @@ export class ImageFs implements FuseFilesystem {
     if (invalidate === undefined) return;
     const pending: Promise<void>[] = [];
     for (const m of this.nodes.values()) {
-      if (m.dropped || !m.file.backend.withdrawn) continue;
+      if (!toDrop(m)) continue;
       m.dropped = true;
       pending.push(invalidate(m.nodeid, 0, 0));
     }
