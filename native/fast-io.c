@@ -231,12 +231,14 @@ static void on_closed(uv_handle_t *handle) {
   if (--p->open_handles == 0) free(p);
 }
 
+static void stop_spinning(poller_t *p) {
+  if (p->spinning) uv_idle_stop(&p->spin);
+  p->spinning = 0;
+}
+
 static void on_spin(uv_idle_t *handle) {
   poller_t *p = handle->data;
-  if (uv_hrtime() >= p->spin_until) {
-    uv_idle_stop(&p->spin);
-    p->spinning = 0;
-  }
+  if (uv_hrtime() >= p->spin_until) stop_spinning(p);
 }
 
 static poller_t *get_poller(napi_env env, napi_callback_info info) {
@@ -339,8 +341,7 @@ static napi_value PollSpin(napi_env env, napi_callback_info info) {
   poller_t *p = get_poller(env, info);
   if (p == NULL) return NULL;
   if (us <= 0) {
-    if (p->spinning) uv_idle_stop(&p->spin);
-    p->spinning = 0;
+    stop_spinning(p);
     return native_number(env, 0);
   }
   p->spin_until = uv_hrtime() + (uint64_t)us * 1000;
