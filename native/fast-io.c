@@ -241,10 +241,10 @@ static void on_spin(uv_idle_t *handle) {
   if (uv_hrtime() >= p->spin_until) stop_spinning(p);
 }
 
-static poller_t *get_poller(napi_env env, napi_callback_info info) {
-  args_t a;
+/* The open poller a handle value holds; NULL with an exception thrown when it is none. */
+static poller_t *poller_of(napi_env env, napi_value v) {
   void *p = NULL;
-  if (get_args(env, info, &a, 1) || napi_get_value_external(env, a.argv[0], &p) != napi_ok || p == NULL) {
+  if (napi_get_value_external(env, v, &p) != napi_ok || p == NULL) {
     napi_throw_type_error(env, NULL, "expected a poll handle");
     return NULL;
   }
@@ -254,6 +254,16 @@ static poller_t *get_poller(napi_env env, napi_callback_info info) {
     return NULL;
   }
   return poller;
+}
+
+/* The poller of a call's first argument (see poller_of). */
+static poller_t *get_poller(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (get_args(env, info, &a, 1)) {
+    napi_throw_type_error(env, NULL, "expected a poll handle");
+    return NULL;
+  }
+  return poller_of(env, a.argv[0]);
 }
 
 static napi_value PollCreate(napi_env env, napi_callback_info info) {
@@ -338,7 +348,7 @@ static napi_value PollSpin(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "pollSpin(handle, microseconds)");
     return NULL;
   }
-  poller_t *p = get_poller(env, info);
+  poller_t *p = poller_of(env, a.argv[0]);
   if (p == NULL) return NULL;
   if (us <= 0) {
     stop_spinning(p);
