@@ -211,7 +211,10 @@ typedef struct {
   int active;
   int spinning;
   int closing;
-  int open_handles;
+  /* Holders of the struct: its two libuv handles until closed, and the
+   * JavaScript handle until collected (a call on a closed handle still reads
+   * `closing`). The last to let go frees it. */
+  int refs;
 } poller_t;
 
 static void on_poll(uv_poll_t *handle, int status, int events) {
@@ -226,9 +229,18 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
   napi_close_handle_scope(env, scope);
 }
 
+static void release_poller(poller_t *p) {
+  if (--p->refs == 0) free(p);
+}
+
 static void on_closed(uv_handle_t *handle) {
-  poller_t *p = handle->data;
-  if (--p->open_handles == 0) free(p);
+  release_poller(handle->data);
+}
+
+static void on_collected(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  release_poller(data);
 }
 
 static void stop_spinning(poller_t *p) {
@@ -294,11 +306,11 @@ static napi_value PollCreate(napi_env env, napi_callback_info info) {
   uv_idle_init(loop, &p->spin);
   p->handle.data = p;
   p->spin.data = p;
-  p->open_handles = 2;
+  p->refs = 3;
   p->env = env;
   native_callback_init(env, &p->callback, a.argv[1], "qcowfs.poll");
   napi_value ext;
-  napi_create_external(env, p, NULL, NULL, &ext);
+  napi_create_external(env, p, on_collected, NULL, &ext);
   return ext;
 }
 

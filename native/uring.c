@@ -47,6 +47,10 @@ typedef struct {
   napi_env env;
   native_callback_t callback;
   int closing;
+  /* Holders of the struct: its poll handle until closed, and the JavaScript
+   * handle until collected (a call on a closed ring still reads `closing`).
+   * The last to let go frees it. */
+  int refs;
 } ring_t;
 
 static int sys_setup(unsigned entries, struct io_uring_params *p) {
@@ -140,10 +144,20 @@ static void on_event(uv_poll_t *handle, int status, int events) {
   if (!r->closing) reap(r);
 }
 
+static void release_ring(ring_t *r) {
+  if (--r->refs == 0) free(r);
+}
+
 static void on_closed(uv_handle_t *handle) {
   ring_t *r = handle->data;
   ring_unmap(r);
-  free(r);
+  release_ring(r);
+}
+
+static void on_collected(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  release_ring(data);
 }
 
 static ring_t *get_ring(napi_env env, napi_value v) {
@@ -180,13 +194,14 @@ static napi_value UringCreate(napi_env env, napi_callback_info info) {
     return native_number(env, -EINVAL);
   }
   r->poll.data = r;
+  r->refs = 2;
   r->env = env;
   native_callback_init(env, &r->callback, argv[1], "qcowfs.uring");
   uv_poll_start(&r->poll, UV_READABLE, on_event);
   /* Reads in flight keep the loop alive; an idle ring does not. */
   uv_unref((uv_handle_t *)&r->poll);
   napi_value ext;
-  napi_create_external(env, r, NULL, NULL, &ext);
+  napi_create_external(env, r, on_collected, NULL, &ext);
   return ext;
 }
 

@@ -12,7 +12,7 @@ import * as path from 'path';
 import { performance } from 'perf_hooks';
 import * as v8 from 'v8';
 import { FileDevice } from '../../../src/io/file-device';
-import { loadNative, NATIVE_MODULE_PATH, type NativeModule } from '../../../src/io/native';
+import { loadNative, NATIVE_MODULE_PATH, type NativeModule, type PollHandle, type UringHandle } from '../../../src/io/native';
 import { uringReader } from '../../../src/io/uring';
 
 const E = os.constants.errno;
@@ -193,6 +193,34 @@ describe('native module: non-blocking I/O', () => {
       native.pollClose(h);
       expect(() => native.pollStart(h)).to.throw(/closed/);
       fs.closeSync(wr);
+      fs.closeSync(rd);
+    }
+  });
+
+  it('a closed poll handle or ring stays closed once its close has run and new ones took the memory', async function () {
+    const fifo = path.join(dir, 'c');
+    execFileSync('mkfifo', [fifo]);
+    const rd = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    const polls: PollHandle[] = [];
+    const rings: UringHandle[] = [];
+    try {
+      const oldPoll = native.pollCreate(rd, () => {});
+      const oldRing = native.uringCreate(4, () => {});
+      if (typeof oldRing === 'number') this.skip(); // no io_uring here
+      native.pollClose(oldPoll);
+      native.uringClose(oldRing as UringHandle);
+      await new Promise((r) => setTimeout(r, 20)); // the loop runs the closes
+      // New ones of the same size: were the old structs freed, these would take their memory.
+      for (let i = 0; i < 8; i++) polls.push(native.pollCreate(rd, () => {}));
+      for (let i = 0; i < 4; i++) rings.push(native.uringCreate(4, () => {}) as UringHandle);
+      expect(() => native.pollStart(oldPoll)).to.throw(/closed/);
+      expect(() => native.pollSpin(oldPoll, 1000)).to.throw(/closed/);
+      expect(native.pollClose(oldPoll)).to.equal(0);
+      expect(() => native.uringRead(oldRing as UringHandle, rd, Buffer.alloc(8), 0, 8, 0, 1)).to.throw(TypeError);
+      expect(native.uringClose(oldRing as UringHandle)).to.equal(0);
+    } finally {
+      for (const h of polls) native.pollClose(h);
+      for (const r of rings) native.uringClose(r);
       fs.closeSync(rd);
     }
   });
