@@ -12,6 +12,7 @@ pkgs=(
   fdisk                # sfdisk, to partition disks in tests
   python3              # lseek SEEK_DATA/SEEK_HOLE probes in tests
   fio                  # benchmark and concurrency tests
+  strace               # tests watch what the daemon asks of the kernel
 )
 missing=()
 for p in "${pkgs[@]}"; do

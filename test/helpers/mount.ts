@@ -67,6 +67,40 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
+/**
+ * Run fn while strace watches process `pid` for posix_fadvise(POSIX_FADV_DONTNEED):
+ * the ranges it dropped from the host page cache meanwhile, as "fd offset+length".
+ * What the process asks for, not what the kernel's cache shows afterwards: the
+ * kernel may reclaim clean pages on its own at any time.
+ */
+export async function cacheDropsWhile(pid: number, fn: () => void): Promise<string[]> {
+  const out = path.join(os.tmpdir(), `qcowfs-strace-${pid}-${process.hrtime.bigint()}`);
+  const child = spawn('strace', ['-f', '-e', 'trace=fadvise64', '-o', out, '-p', String(pid)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  try {
+    await new Promise<void>((resolve, reject) => {
+      child.stderr!.on('data', (d: Buffer) => {
+        err += d.toString();
+        if (/ attached/.test(err)) resolve();
+      });
+      void exited.then((code) => reject(new Error(`strace -p ${pid} exited (${code}) before attaching: ${err.trim()}`)));
+    });
+    fn();
+  } finally {
+    child.kill('SIGINT');
+    await exited;
+  }
+  try {
+    return fs.readFileSync(out, 'utf8').split('\n')
+      .map((l) => /fadvise64\((\d+), (\d+), (\d+), POSIX_FADV_DONTNEED\)/.exec(l))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => `fd ${m[1]} ${m[2]}+${m[3]}`);
+  } finally {
+    fs.rmSync(out, { force: true });
+  }
+}
+
 export async function waitFor(what: string, cond: () => boolean, timeoutMs = 20000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!cond()) {
