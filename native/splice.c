@@ -24,7 +24,9 @@
  * pipe slot holds at most a page, and without CAP_SYS_RESOURCE a pipe holds
  * at most pipe-max-size (1 MiB by default), so a 1 MiB reply never fits one.
  * The transport sizes its reads from pipeCapacity(); a reply that does not
- * fit after all answers -EMSGSIZE at stage 0.
+ * fit after all answers -EMSGSIZE at stage 0 (or -EAGAIN, should the pipe
+ * fill before its budget of slots: it is never waited on, for nothing reads
+ * it before the reply is whole).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -77,6 +79,15 @@ static int pipe_ready(int slots) {
     if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
       pipe_fds[0] = pipe_fds[1] = -1;
       return -errno;
+    }
+    /* Filling the pipe never waits: a reply that does not fit after all fails with EAGAIN
+     * (and is answered another way) instead of leaving this thread blocked for good, since
+     * nothing reads the pipe until the reply is whole. */
+    int flags = fcntl(pipe_fds[1], F_GETFL);
+    if (flags < 0 || fcntl(pipe_fds[1], F_SETFL, flags | O_NONBLOCK) < 0) {
+      int err = errno;
+      pipe_drop();
+      return -err;
     }
     pipe_slots = fcntl(pipe_fds[0], F_GETPIPE_SZ) / PAGE;
   }
@@ -132,17 +143,20 @@ static void run_splice(napi_env env, void *data) {
   (void)env;
   splice_job_t *j = data;
   int64_t total = 16;
-  int slots = 1;
+  int64_t slots = 1;
   for (size_t i = 0; i < j->count; i++) {
     total += j->slices[i].length;
-    slots += (int)((j->slices[i].length + PAGE - 1) / PAGE) + 1;
+    /* A slice takes a slot per page it touches: one more than its length in pages when it
+     * starts inside a page, and one more again when the file ends inside it and the rest
+     * comes from the zero page. */
+    slots += (j->slices[i].length + PAGE - 1) / PAGE + 2;
   }
   j->stage = 0;
   if (total > UINT32_MAX) {
     j->result = -EMSGSIZE;
     return;
   }
-  int r = pipe_ready(slots);
+  int r = slots > PIPE_MAX_BYTES / PAGE ? -EMSGSIZE : pipe_ready((int)slots);
   if (r < 0) {
     j->result = r;
     return;
@@ -199,6 +213,12 @@ static napi_value PipeCapacity(napi_env env, napi_callback_info info) {
   if (pipe2(fds, O_CLOEXEC) < 0) return native_number(env, -errno);
   int got = fcntl(fds[0], F_SETPIPE_SZ, (int)want);
   if (got < 0) got = fcntl(fds[0], F_GETPIPE_SZ);
+  if (got < 0) {
+    int err = errno;
+    close(fds[0]);
+    close(fds[1]);
+    return native_number(env, -err);
+  }
   /* Without CAP_SYS_RESOURCE the limit is pipe-max-size: ask for that. */
   if (got < want) {
     int fd = open("/proc/sys/fs/pipe-max-size", O_RDONLY | O_CLOEXEC);
@@ -213,10 +233,9 @@ static napi_value PipeCapacity(napi_env env, napi_callback_info info) {
       }
     }
   }
-  int err = got < 0 ? -errno : 0;
   close(fds[0]);
   close(fds[1]);
-  return native_number(env, got < 0 ? err : got);
+  return native_number(env, got);
 }
 
 static void done_splice(napi_env env, napi_status status, void *data) {

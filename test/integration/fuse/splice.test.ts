@@ -150,6 +150,25 @@ describe('FUSE kernel transport: spliced READ replies', function () {
     expect(sfs!.released).to.equal(sfs!.lent);
   });
 
+  it('reads as zeroes past the end of a host file that ends inside a slice, from any alignment', async () => {
+    const data = randomBytes(4 * MiB);
+    const cut = 3 * MiB + 4095; // the host file ends one byte before a page boundary
+    data.fill(0, cut);
+    const { file, expected } = await mountSliced(data);
+    fs.truncateSync(sfs!.hostFile, cut);
+    // Direct reads of 385 KiB (spliced) that start just before the end, in the page before it
+    // and a page earlier: their slice takes the file's last pages, then the zero page.
+    for (const start of [cut - 1, cut - 4000, cut - 300001, 3 * MiB - 1]) {
+      await shOk(`dd if=${file} iflag=direct,skip_bytes,count_bytes bs=${384 * KiB + 1000} skip=${start} count=600000 status=none ` +
+        `| cmp - ${expected} -i 0:${start} -n 600000`);
+    }
+    await shOk(`cmp ${file} ${expected}`);
+    expect(sfs!.sliceCalls.filter((n) => n >= SPLICE_MIN_BYTES).length).to.be.greaterThan(0);
+    // Every one was spliced: read() answered none of the large reads.
+    expect(sfs!.readSizes.filter((n) => n >= SPLICE_MIN_BYTES)).to.deep.equal([]);
+    expect(sfs!.released).to.equal(sfs!.lent);
+  });
+
   it('answers through read() when the filesystem has no slices, or they cannot be spliced', async () => {
     const data = randomBytes(2 * MiB);
     const { file, expected } = await mountSliced(data);
