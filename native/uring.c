@@ -9,7 +9,7 @@
  *
  *   uringCreate(entries, cb)         -> handle, or -errno (no io_uring here)
  *   uringRead(h, fd, buf, off, len, pos, id) -> 0, or -errno (-EBUSY: ring full)
- *   uringClose(h)
+ *   uringClose(h)                    -> 0, or -EBUSY while reads are in flight
  *   cb(id, result) for each completion: bytes read, or -errno.
  *
  * Buffers must stay referenced by the caller until their completion.
@@ -254,6 +254,9 @@ static napi_value UringClose(napi_env env, napi_callback_info info) {
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 || (r = get_ring(env, argv[0])) == NULL) {
     return native_number(env, 0);
   }
+  /* The kernel may still write into the buffers of reads in flight after the ring is gone,
+   * and their completions could no longer be reported: those must finish first. */
+  if (r->in_flight > 0) return native_number(env, -EBUSY);
   r->closing = 1;
   uv_poll_stop(&r->poll);
   native_callback_free(env, &r->callback);

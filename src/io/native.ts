@@ -41,6 +41,7 @@ export interface NativeModule {
   uringCreate(entries: number, callback: (id: number, result: number) => void): UringHandle | number;
   /** Queue a read of buffer[offset, offset+length) from fd at position: 0, or -errno (-EBUSY: full). */
   uringRead(ring: UringHandle, fd: number, buf: Buffer, offset: number, length: number, position: number, id: number): number;
+  /** 0, or -EBUSY while reads are in flight (the kernel may still write into their buffers). */
   uringClose(ring: UringHandle): number;
   /**
    * On the threadpool, send a FUSE READ reply for `unique` on fuseFd whose

@@ -350,6 +350,38 @@ describe('io_uring reads', () => {
   });
 });
 
+describe('io_uring reads: closing', () => {
+  it('a ring with a read in flight refuses to close (the kernel may still write into its buffer), and closes once it completed', async function () {
+    const native = loadNative()!;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowfs-uring-'));
+    const fifo = path.join(dir, 'p');
+    execFileSync('mkfifo', [fifo]);
+    // Read-write: a blocking reader that needs no writer to open; the read then waits for data.
+    const rd = fs.openSync(fifo, fs.constants.O_RDWR);
+    const wr = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+    const done: number[] = [];
+    const ring = native.uringCreate(4, (id, result) => done.push(id, result));
+    try {
+      if (typeof ring === 'number') this.skip(); // no io_uring here
+      const buf = Buffer.alloc(16);
+      expect(native.uringRead(ring as UringHandle, rd, buf, 0, 16, 0, 7)).to.equal(0);
+      await new Promise((r) => setTimeout(r, 20));
+      expect(done, 'completions before anything was written').to.deep.equal([]);
+      expect(native.uringClose(ring as UringHandle)).to.equal(-E.EBUSY);
+      fs.writeSync(wr, 'hello');
+      for (let i = 0; i < 200 && done.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(done).to.deep.equal([7, 5]);
+      expect(buf.subarray(0, 5).toString()).to.equal('hello');
+      expect(native.uringClose(ring as UringHandle)).to.equal(0);
+    } finally {
+      if (typeof ring !== 'number') native.uringClose(ring);
+      fs.closeSync(wr);
+      fs.closeSync(rd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('io_uring reads: a full ring', () => {
   it('answers null once every entry is in flight, and every queued read completes', async function () {
     const ring = uringReader();
