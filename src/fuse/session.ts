@@ -273,6 +273,12 @@ export class FuseSession {
   private splicer: NativeModule | null = null;
   /** Replies still being written on the threadpool (spliced or not): the device stays open until they end. */
   private repliesOnPool = 0;
+  /**
+   * The connection is over and the device about to be closed: nothing more is written to it.
+   * A handler that outlives finish()'s wait would otherwise write to a closed descriptor, or
+   * to whatever file has since been given its number.
+   */
+  private deviceGone = false;
   private destroyed = false;
   private fatal: Error | undefined;
 
@@ -865,6 +871,7 @@ export class FuseSession {
 
   /** Write one reply of `len` bytes of `buf` to the device. */
   private writeReply(unique: number, buf: Buffer, len: number, opcode: number): void {
+    if (this.deviceGone) return;
     try {
       fs.writeSync(this.fd, buf, 0, len);
     } catch (e) {
@@ -886,6 +893,7 @@ export class FuseSession {
 
   /** Write a READ reply: the header, then the data. */
   private writeReadReply(unique: number, data: Buffer): void {
+    if (this.deviceGone) return;
     encodeReadHeader(this.readHeader, unique, data.length);
     try {
       if (data.length === 0) {
@@ -926,6 +934,7 @@ export class FuseSession {
 
   /** Write one message to the device from a threadpool thread; the device stays open until it is done. */
   private async writeOnPool(parts: Buffer[]): Promise<void> {
+    if (this.deviceGone) return;
     this.repliesOnPool++;
     try {
       await new Promise<void>((resolve, reject) => fs.writev(this.fd, parts, (err) => (err ? reject(err) : resolve())));
@@ -940,7 +949,7 @@ export class FuseSession {
    * sent: the caller answers with read() instead.
    */
   private async spliceRead(p: Pending, s: FileSlices): Promise<boolean> {
-    if (!this.canReply(p)) return true;
+    if (!this.canReply(p) || this.deviceGone) return true;
     const native = this.splicer!;
     const triples = new Float64Array(s.slices.length * 3);
     s.slices.forEach((x, i) => {
@@ -993,7 +1002,7 @@ export class FuseSession {
   private writeFailed(unique: number, opcode: number, e: unknown): void {
     const code = (e as NodeJS.ErrnoException).code;
     // ENOENT: the request was interrupted and is gone. ENODEV: unmounted.
-    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ECONNABORTED') return;
+    if (code === 'ENOENT' || code === 'ENODEV' || code === 'ECONNABORTED' || this.deviceGone) return;
     process.stderr.write(`qcowfs: fuse: the kernel refused the reply to ${opcodeName(opcode)} #${unique}: ${(e as Error).message}\n`);
     // A refused reply leaves the request waiting, and its caller with it, until
     // the mount goes away: answer it EIO instead (a reply the kernel always takes).
@@ -1057,7 +1066,10 @@ export class FuseSession {
     while (this.pending.size > 0 && performance.now() < waitUntil) {
       await new Promise((r) => setTimeout(r, 10));
     }
-    // A reply still being written on the pool must not find the device closed (and its number reused).
+    // Handlers still running answer nobody from now on (the kernel has ended the connection),
+    // and a reply still being written on the pool must not find the device closed (and its
+    // number reused).
+    this.deviceGone = true;
     while (this.repliesOnPool > 0) await new Promise((r) => setTimeout(r, 10));
     let error = this.fatal;
     try {

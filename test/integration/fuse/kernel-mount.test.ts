@@ -324,6 +324,56 @@ for (const mode of ['poll', 'threadpool'] as const) {
       expect(r.stderr).to.contain('Input/output error');
     });
 
+    it('a handler that outlives the connection writes nothing to the closed device, nor to the file given its number', async () => {
+      let release: (b: Buffer) => void = () => undefined;
+      class Late extends MemoryFs {
+        override read(): Promise<Buffer> {
+          return new Promise((resolve) => { release = resolve; });
+        }
+      }
+      mfs = new Late({ directIo: true });
+      mfs.preload(0, randomBytes(BLOCK));
+      t = await mountForTest(mfs, { requestTimeoutMs: 0, pollDevice: mode === 'poll' });
+      const fuseFds = fs.readdirSync('/proc/self/fd').filter((n) => {
+        try {
+          return fs.readlinkSync(`/proc/self/fd/${n}`) === '/dev/fuse';
+        } catch {
+          return false;
+        }
+      }).map(Number);
+      expect(fuseFds, 'the session\'s /dev/fuse descriptor').to.have.length(1);
+      // The connection's number is the minor of the mount's device (from mountinfo: a stat of
+      // the mount would wait for this very process to answer it).
+      const info = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === t!.mountpoint);
+      const connection = Number(info!.split(' ')[2].split(':')[1]);
+      const reader = sh(`dd if=${path.join(t.mountpoint, mfs.fileName)} of=/dev/null bs=4k count=1 iflag=direct`, 30_000);
+      for (let i = 0; i < 200 && t.mount.session.inFlight === 0; i++) await delay(10);
+      expect(t.mount.session.inFlight, 'the READ is with its handler').to.equal(1);
+      // The connection ends while the handler still runs; the session gives it a few seconds, then closes the device.
+      fs.writeFileSync(`/sys/fs/fuse/connections/${connection}/abort`, '1');
+      await reader;
+      await t.mount.done.catch(() => undefined);
+      // A file takes the device's old number (descriptors are handed out lowest first).
+      const victim = outside('victim', Buffer.alloc(0));
+      const placeholders: number[] = [];
+      let fd = -1;
+      try {
+        for (let i = 0; i < 256; i++) {
+          fd = fs.openSync(victim, 'r+');
+          if (fd === fuseFds[0]) break;
+          placeholders.push(fd);
+          fd = -1;
+        }
+        expect(fd, 'a file opened with the old descriptor number').to.equal(fuseFds[0]);
+        release(Buffer.alloc(BLOCK, 0x77)); // the handler answers at last
+        await delay(200);
+        expect(fs.fstatSync(fd).size, 'bytes written into the file that took the number').to.equal(0);
+      } finally {
+        if (fd >= 0) fs.closeSync(fd);
+        for (const p of placeholders) fs.closeSync(p);
+      }
+    });
+
     it('unmount runs destroy and ends the session', async () => {
       const m = await mountMemory({}, randomBytes(BLOCK));
       await shOk(`cat ${filePath(m)} > /dev/null`);
