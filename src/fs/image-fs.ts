@@ -26,6 +26,18 @@ const O_PATH = 0o10000000;
 /** Attributes change only through us, so the kernel may cache them a while. */
 const ATTR_TIMEOUT_MS = 1000;
 
+/**
+ * How long a change waits for the kernel to drop what other files of the same
+ * disk cache of it (invalidateAliases) before it is answered all the same. The
+ * kernel drops a page only once it is not locked, and a page being read is
+ * locked until the daemon answers the READ; the kernel sends that READ only
+ * when fewer than max_background requests are under way, and while it waits
+ * those may all be asynchronous WRITEs of a partition waiting for that very
+ * page: answered this late, they let it through. A drop takes at most about
+ * a millisecond otherwise (7000 of them under a random-write load).
+ */
+const ALIAS_DROP_WAIT_MS = 50;
+
 export interface MountedFile {
   /** File name in the mount directory (ignored when the root is the file). */
   name: string;
@@ -64,6 +76,18 @@ interface Node {
 }
 
 /** The file stopped serving its content and the kernel's pages of it are still to be dropped (dropWithdrawn). */
+/** Wait for p to settle (either way), or for ms to pass. */
+function settledWithin(p: Promise<unknown>, ms: number): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    const done = (): void => {
+      clearTimeout(timer);
+      resolve();
+    };
+    p.then(done, done);
+  });
+}
+
 function toDrop(m: Node): boolean {
   return !m.dropped && m.file.backend.withdrawn === true;
 }
@@ -361,7 +385,10 @@ export class ImageFs implements FuseFilesystem {
   /**
    * Drop the kernel's cached pages of [offset, offset+length) of n as other
    * files of the same disk show them. Done before the change is answered, so
-   * a read through any of them that follows sees it.
+   * a read through any of them that follows sees it; only a drop that waits
+   * for a page still being read is left to finish after the answer, past
+   * ALIAS_DROP_WAIT_MS, and until it does that page may show what it held
+   * before the change.
    */
   private async invalidateAliases(n: Node, offset: number, length: number): Promise<void> {
     await this.dropWithdrawn();
@@ -378,7 +405,7 @@ export class ImageFs implements FuseFilesystem {
       const b = Math.min(to, v.start + m.file.backend.size());
       if (a < b) pending.push(invalidate(m.nodeid, a - v.start, b - a));
     }
-    await Promise.all(pending);
+    if (pending.length > 0) await settledWithin(Promise.all(pending), ALIAS_DROP_WAIT_MS);
   }
 
   /**
@@ -395,7 +422,7 @@ export class ImageFs implements FuseFilesystem {
       m.dropped = true;
       pending.push(invalidate(m.nodeid, 0, 0));
     }
-    await Promise.all(pending);
+    if (pending.length > 0) await settledWithin(Promise.all(pending), ALIAS_DROP_WAIT_MS);
   }
 
   async flush(_ctx: RequestContext, nodeid: NodeId): Promise<void> {

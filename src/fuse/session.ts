@@ -175,6 +175,13 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 120_000;
 const DEFAULT_INTERRUPT_GRACE_MS = 1_000;
 const SWEEP_INTERVAL_MS = 250;
 
+/**
+ * Notifications written at once, each on a threadpool thread that the kernel
+ * may hold until a READ is answered: that READ, if it is a large one, is
+ * itself answered from the threadpool, so notifications never take it all.
+ */
+const NOTIFY_TURNS = 4;
+
 /** One request between its read and its handler settling; also its RequestContext. */
 class Pending implements RequestContext {
   replied = false;
@@ -280,6 +287,9 @@ export class FuseSession {
    */
   private deviceGone = false;
   private destroyed = false;
+  /** Turns left for writing notifications on the threadpool, and who waits for one. */
+  private notifyTurns = NOTIFY_TURNS;
+  private readonly notifyWaiting: (() => void)[] = [];
   private fatal: Error | undefined;
 
   constructor(
@@ -988,6 +998,8 @@ export class FuseSession {
     if (this.stopping) return;
     const buf = Buffer.alloc(FUSE_OUT_HEADER_SIZE + FUSE_NOTIFY_INVAL_INODE_OUT_SIZE);
     encodeNotifyInvalInode(buf, nodeid, offset, length);
+    if (this.notifyTurns > 0) this.notifyTurns--;
+    else await new Promise<void>((resolve) => this.notifyWaiting.push(resolve));
     try {
       await this.writeOnPool([buf]);
       if (this.debug) this.debugLine(0, 'NOTIFY_INVAL_INODE', nodeid, `offset=${offset} length=${length}`, 'ok', 0);
@@ -996,6 +1008,10 @@ export class FuseSession {
       if (this.debug || (code !== 'ENOENT' && code !== 'ENODEV')) {
         process.stderr.write(`qcowfs: fuse: invalidating node ${nodeid} failed: ${(e as Error).message}\n`);
       }
+    } finally {
+      const next = this.notifyWaiting.shift();
+      if (next !== undefined) next(); // its turn passes on
+      else this.notifyTurns++;
     }
   }
 

@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { spawnSync } from 'child_process';
+import { ChildProcess, spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -162,6 +162,60 @@ describe('mount --partitions: each partition of the disk as its own file', funct
     const got = fs.readFileSync(`${img}.raw`);
     expect(got.subarray(start + 8192, start + 12288).equals(Buffer.alloc(4096))).to.equal(true);
     expect(got.subarray(start + 16384, start + 20480).equals(Buffer.alloc(4096, 0xa5))).to.equal(true);
+    const c = qemuCheck(img);
+    expect((c.corruptions ?? 0) + (c.leaks ?? 0) + c['check-errors']).to.equal(0);
+  });
+
+  it('asynchronous direct writes to a partition while the disk file reads the same bytes: no hang, the files agree, QEMU finds the image clean', async function () {
+    this.timeout(120_000);
+    const img = mountPartitioned('busy', '64M', 'label: dos\n1MiB,32MiB\n');
+    const start = 1 << 20;
+    const disk = path.join(mnt, 'busy.raw');
+    const part = path.join(mnt, 'busy-p1.raw');
+    // The connection, to abort should the mount hang (minor of the mount's device number).
+    const dev = fs.statSync(mnt).dev;
+    const connection = (dev & 0xff) | ((dev >> 12) & ~0xff);
+    const seconds = 10;
+    // Each WRITE drops the disk file's cached copy of its page (FUSE_NOTIFY_INVAL_INODE); the
+    // readers keep those pages under READ, which locks them, and the writer keeps every
+    // request slot of the kernel (max_background) taken with WRITEs.
+    const exited = (c: ChildProcess) => new Promise<number | null>((resolve) => c.on('close', (code) => resolve(code)));
+    const readers = Array.from({ length: 4 }, (_, i) => spawn('bash', ['-c',
+      `end=$((SECONDS+${seconds})); while [ $SECONDS -lt $end ]; do dd if="$1" of=/dev/null bs=${i === 0 ? '128k' : '4k'} skip=${i === 0 ? 8 : 256} count=${i === 0 ? 2 : 64} status=none; done`,
+      'bash', disk], { stdio: 'ignore' }));
+    const writer = spawn('fio', ['--name=w', `--filename=${part}`, '--rw=randwrite', '--bs=4k', '--size=256k', '--ioengine=libaio',
+      '--iodepth=128', '--direct=1', '--time_based', `--runtime=${seconds}`, '--output=/dev/null'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let writerErr = '';
+    writer.stderr!.on('data', (d: Buffer) => { writerErr += d.toString(); });
+    const all = Promise.all([exited(writer), ...readers.map(exited)]);
+    let timer: NodeJS.Timeout | undefined;
+    const inTime = await Promise.race([
+      all.then(() => true),
+      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), (seconds + 30) * 1000); }),
+    ]);
+    clearTimeout(timer);
+    if (!inTime) {
+      fs.writeFileSync(`/sys/fs/fuse/connections/${connection}/abort`, '1');
+      await all;
+    }
+    expect(inTime, 'the writer and the readers finished: the mount did not hang').to.equal(true);
+    expect(writer.exitCode, writerErr).to.equal(0);
+    for (const r of readers) expect(r.exitCode).to.equal(0);
+    // Coherent once all is done: the disk file shows what the partition file holds.
+    const fromPart = Buffer.alloc(256 * 1024);
+    const fromDisk = Buffer.alloc(256 * 1024);
+    const pfd = fs.openSync(part, 'r');
+    const dfd = fs.openSync(disk, 'r');
+    try {
+      fs.readSync(pfd, fromPart, 0, fromPart.length, 0);
+      fs.readSync(dfd, fromDisk, 0, fromDisk.length, start);
+    } finally {
+      fs.closeSync(pfd);
+      fs.closeSync(dfd);
+    }
+    expect(fromDisk.equals(fromPart), 'the disk file reads what the partition file holds').to.equal(true);
+    expect(fromPart.equals(Buffer.alloc(fromPart.length)), 'the writer wrote something').to.equal(false);
+    expect(qcowfs('unmount', mnt).status).to.equal(0);
     const c = qemuCheck(img);
     expect((c.corruptions ?? 0) + (c.leaks ?? 0) + c['check-errors']).to.equal(0);
   });
