@@ -33,7 +33,13 @@ export type ProtocolFaultKind =
   /** An opcode fuse.h does not define. */
   | 'unknown-opcode'
   /** A field whose value cannot be right (a name without NUL, a 64-bit value beyond 2^53). */
-  | 'bad-value';
+  | 'bad-value'
+  /**
+   * A file position or size beyond 2^53 (READ, WRITE, LSEEK and FALLOCATE
+   * offsets, FALLOCATE lengths, SETATTR sizes): a well-formed request, past
+   * the end of any file this transport serves, and answered as such.
+   */
+  | 'beyond-any-file';
 
 /** A request that is not a well-formed FUSE message. */
 export class FuseProtocolError extends Error {
@@ -162,6 +168,11 @@ export function decodeRequest(buf: Buffer, length: number): FuseRequest {
     return v;
   };
   const u32 = (off: number): number => buf.readUInt32LE(body + off);
+  const position = (off: number, field: string, signed = false): number => {
+    const v = signed ? readI64LE(buf, body + off) : readU64LE(buf, body + off);
+    if (Number.isNaN(v)) throw new FuseProtocolError('beyond-any-file', `${info.name}.${field} beyond 2^53`, unique, opcode, body + off);
+    return v;
+  };
 
   switch (opcode) {
     case FUSE_INIT: {
@@ -197,7 +208,7 @@ export function decodeRequest(buf: Buffer, length: number): FuseRequest {
     }
     case FUSE_SETATTR:
       need(88);
-      return decodeSetattr(header, u32, u64, i64);
+      return decodeSetattr(header, u32, u64, i64, position);
     case FUSE_OPEN:
     case FUSE_OPENDIR:
       // struct fuse_open_in: flags, open_flags
@@ -210,7 +221,7 @@ export function decodeRequest(buf: Buffer, length: number): FuseRequest {
       need(40);
       return {
         kind: opcode === FUSE_READ ? 'read' : opcode === FUSE_READDIR ? 'readdir' : 'readdirplus',
-        header, fh: u64(0, 'fh'), offset: u64(8, 'offset'), size: u32(16), flags: u32(32),
+        header, fh: u64(0, 'fh'), offset: opcode === FUSE_READ ? position(8, 'offset') : u64(8, 'offset'), size: u32(16), flags: u32(32),
       };
     case FUSE_WRITE: {
       // struct fuse_write_in: fh, offset, size, write_flags, lock_owner, flags, padding; then data
@@ -219,7 +230,7 @@ export function decodeRequest(buf: Buffer, length: number): FuseRequest {
       need(FUSE_WRITE_IN_SIZE + size);
       const dataStart = body + FUSE_WRITE_IN_SIZE;
       return {
-        kind: 'write', header, fh: u64(0, 'fh'), offset: u64(8, 'offset'), writeFlags: u32(20), flags: u32(32),
+        kind: 'write', header, fh: u64(0, 'fh'), offset: position(8, 'offset'), writeFlags: u32(20), flags: u32(32),
         data: buf.subarray(dataStart, dataStart + size),
       };
     }
@@ -251,11 +262,11 @@ export function decodeRequest(buf: Buffer, length: number): FuseRequest {
     case FUSE_LSEEK:
       // struct fuse_lseek_in: fh, offset (loff_t, signed), whence, padding
       need(24);
-      return { kind: 'lseek', header, fh: u64(0, 'fh'), offset: i64(8, 'offset'), whence: u32(16) };
+      return { kind: 'lseek', header, fh: u64(0, 'fh'), offset: position(8, 'offset', true), whence: u32(16) };
     case FUSE_FALLOCATE:
       // struct fuse_fallocate_in: fh, offset, length, mode, padding
       need(32);
-      return { kind: 'fallocate', header, fh: u64(0, 'fh'), offset: u64(8, 'offset'), length: u64(16, 'length'), mode: u32(24) };
+      return { kind: 'fallocate', header, fh: u64(0, 'fh'), offset: position(8, 'offset'), length: position(16, 'length'), mode: u32(24) };
     default:
       return { kind: 'unsupported', header, name: info.name };
   }
@@ -266,6 +277,7 @@ function decodeSetattr(
   u32: (off: number) => number,
   u64: (off: number, field: string) => number,
   i64: (off: number, field: string) => number,
+  position: (off: number, field: string) => number,
 ): SetattrRequest {
   // struct fuse_setattr_in: valid@0, padding@4, fh@8, size@16, lock_owner@24, atime@32,
   // mtime@40, ctime@48, atimensec@56, mtimensec@60, ctimensec@64, mode@68, unused4@72,
@@ -273,7 +285,7 @@ function decodeSetattr(
   const valid = u32(0);
   const changes: SetattrChanges = {};
   if (valid & FATTR_FH) changes.fh = u64(8, 'fh');
-  if (valid & FATTR_SIZE) changes.size = u64(16, 'size');
+  if (valid & FATTR_SIZE) changes.size = position(16, 'size');
   if (valid & FATTR_MODE) changes.mode = u32(68);
   if (valid & FATTR_UID) changes.uid = u32(76);
   if (valid & FATTR_GID) changes.gid = u32(80);

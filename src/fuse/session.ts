@@ -53,7 +53,7 @@ import { performance } from 'perf_hooks';
 import {
   FUSE_ABORT_ERROR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES, FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_MINOR_VERSION,
   FUSE_KERNEL_VERSION, FUSE_MAX_MAX_PAGES, FUSE_MAX_PAGES, FUSE_MAX_REQUEST_BYTES, FUSE_MIN_KERNEL_MINOR,
-  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, FUSE_READ, FUSE_WRITE, opcodeName, OPCODES,
+  FUSE_MIN_READ_BUFFER, FUSE_NOTIFY_INVAL_INODE_OUT_SIZE, FUSE_OUT_HEADER_SIZE, FUSE_PAGE_SIZE, FUSE_PARALLEL_DIROPS, FUSE_LSEEK, FUSE_READ, FUSE_WRITE, opcodeName, OPCODES,
 } from './abi';
 import { IdlePoll, IDLE_POLL_MAX_US } from './idle-poll';
 import { decodeRequest, FuseProtocolError, type FuseRequest, type InitRequest, type ReadRequest, type WriteRequest } from './decode';
@@ -1045,6 +1045,13 @@ export class FuseSession {
 
   private protocolFault(e: unknown): void {
     if (!FuseProtocolError.is(e)) throw e;
+    if (e.kind === 'beyond-any-file') {
+      // Past the end of every file served: a READ there reads nothing, SEEK_DATA/SEEK_HOLE
+      // find nothing (ENXIO), and a file cannot be written or grown that far (EFBIG).
+      if (e.opcode === FUSE_READ) this.writeReadReply(e.unique, this.scratch.subarray(0, 0));
+      else this.writeReply(e.unique, this.scratch, encodeError(this.scratch, e.unique, e.opcode === FUSE_LSEEK ? E.ENXIO : E.EFBIG), e.opcode);
+      return;
+    }
     process.stderr.write(`qcowfs: fuse: ${e.message}\n`);
     if (e.unique < 0 || OPCODES.get(e.opcode)?.noReply) return;
     const errno = e.kind === 'unknown-opcode' ? E.ENOSYS : e.kind === 'bad-value' ? E.EOVERFLOW : E.EIO;

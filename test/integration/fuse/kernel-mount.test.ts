@@ -324,6 +324,29 @@ for (const mode of ['poll', 'threadpool'] as const) {
       expect(r.stderr).to.contain('Input/output error');
     });
 
+    it('answers file positions beyond 2^53 as past the end: reads read nothing, SEEK_DATA ENXIO, writes and growth EFBIG', async () => {
+      const m = await mountMemory({ directIo: true }, randomBytes(BLOCK));
+      const script = [
+        'import errno, os, sys',
+        'fd = os.open(sys.argv[1], os.O_RDWR)',
+        'far = 2 ** 60',
+        'def err(f):',
+        '    try:',
+        '        f()',
+        '        return "ok"',
+        '    except OSError as e:',
+        '        return errno.errorcode[e.errno]',
+        'print(len(os.pread(fd, 4096, far)))',
+        'print(err(lambda: os.lseek(fd, far, os.SEEK_DATA)))',
+        'print(err(lambda: os.pwrite(fd, b"x", far)))',
+        'print(err(lambda: os.ftruncate(fd, far)))',
+        'print(err(lambda: os.posix_fallocate(fd, far, 4096)))',
+        'print(len(os.pread(fd, 4096, 0)))',
+      ].join('\n');
+      const out = (await shOk(`python3 -c '${script}' ${filePath(m)}`)).trim().split('\n');
+      expect(out).to.deep.equal(['0', 'ENXIO', 'EFBIG', 'EFBIG', 'EFBIG', String(BLOCK)]);
+    });
+
     it('a handler that outlives the connection writes nothing to the closed device, nor to the file given its number', async () => {
       let release: (b: Buffer) => void = () => undefined;
       class Late extends MemoryFs {

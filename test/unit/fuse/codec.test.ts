@@ -284,11 +284,16 @@ describe('fuse request decoding', () => {
       expect(fault(() => decode(request(FUSE_LOOKUP, Buffer.from('abc')))).kind).to.equal('bad-value');
     });
 
-    it('a 64-bit offset beyond 2^53', () => {
+    it('a 64-bit file position beyond 2^53: past the end of any file (beyond-any-file), other 64-bit fields a bad value', () => {
       const body = Buffer.concat([u64s(1, 2n ** 60n), u32s(4096, 0), u64s(0), u32s(0, 0)]);
       const e = fault(() => decode(request(FUSE_READ, body)));
-      expect(e.kind).to.equal('bad-value');
+      expect(e.kind).to.equal('beyond-any-file');
       expect(e.offset).to.equal(48);
+      const dir = fault(() => decode(request(FUSE_READDIR, body)));
+      expect(dir.kind).to.equal('bad-value');
+      const fh = fault(() => decode(request(FUSE_READ, Buffer.concat([u64s(2n ** 60n, 0), u32s(4096, 0), u64s(0), u32s(0, 0)]))));
+      expect(fh.kind).to.equal('bad-value');
+      expect(fh.offset).to.equal(40);
     });
   });
 });
