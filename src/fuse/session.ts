@@ -21,7 +21,9 @@
  * fields are copied out at decode, so its buffer returns to the pool at once
  * — except for WRITE, whose data is a view of the buffer and which keeps it
  * until the handler settles. At most `maxInFlight` handlers run at once; when
- * that many are pending, reading pauses (the kernel queues the rest).
+ * that many are pending, reading pauses (the kernel queues the rest). A
+ * handler already answered by a timeout or an interrupt holds nobody up: up
+ * to `maxInFlight` of those do not count (see holding()).
  *
  * Replies are written synchronously (writeSync / writevSync) from the main
  * thread: the kernel copies them straight into the waiting request, so they
@@ -196,6 +198,8 @@ class Pending implements RequestContext {
   args = '';
   /** The data a READ asks for or a WRITE carries (bytes), for IdlePoll. */
   bytes = 0;
+  /** Answered by the sweep (timeout or interrupt) while its handler still runs. */
+  answeredEarly = false;
 
   constructor(
     readonly unique: number,
@@ -286,6 +290,8 @@ export class FuseSession {
    * to whatever file has since been given its number.
    */
   private deviceGone = false;
+  /** Pending handlers the sweep has answered, whose handler has not settled yet. */
+  private answeredEarly = 0;
   private destroyed = false;
   /** Turns left for writing notifications on the threadpool, and who waits for one. */
   private notifyTurns = NOTIFY_TURNS;
@@ -384,7 +390,7 @@ export class FuseSession {
       this.readerExited();
       return;
     }
-    if (this.pending.size >= this.maxInFlight) {
+    if (this.holding() >= this.maxInFlight) {
       this.parkedReaders++;
       return;
     }
@@ -436,7 +442,7 @@ export class FuseSession {
       let next: Buffer | null = null;
       let nextLength = 0;
       // Saturated: read nothing more; stop watching (the poll is level-triggered) until a handler settles.
-      const saturated = this.pending.size + (cur === null ? 0 : 1) >= this.maxInFlight;
+      const saturated = this.holding() + (cur === null ? 0 : 1) >= this.maxInFlight;
       if (!this.stopping && !saturated) {
         const buf = this.takeBuffer();
         const n = native.readInto(this.fd, buf);
@@ -464,7 +470,7 @@ export class FuseSession {
       if (cur !== null) this.handleRead(cur, curLength);
       if (next === null) {
         if (!saturated || this.stopping || this.poll === undefined) return;
-        if (this.pending.size < this.maxInFlight) {
+        if (this.holding() < this.maxInFlight) {
           cur = null; // it was answered on the spot: there is room again
           continue;
         }
@@ -506,13 +512,24 @@ export class FuseSession {
     }
   }
 
+  /**
+   * The pending handlers that count against maxInFlight: all of them, less
+   * those the sweep has answered (their callers have moved on), of which up
+   * to maxInFlight more may run. Counted, handlers that never settle would
+   * stop the reading of the device once there are maxInFlight of them,
+   * though each was answered, and every later request would wait for good.
+   */
+  private holding(): number {
+    return this.pending.size - Math.min(this.answeredEarly, this.maxInFlight);
+  }
+
   /** A handler settled: wake a parked reader if any. */
   private unpark(): void {
-    if (this.pollParked && this.pending.size < this.maxInFlight && this.poll !== undefined) {
+    if (this.pollParked && this.holding() < this.maxInFlight && this.poll !== undefined) {
       this.pollParked = false;
       this.native!.pollStart(this.poll);
     }
-    while (this.parkedReaders > 0 && this.pending.size < this.maxInFlight) {
+    while (this.parkedReaders > 0 && this.holding() < this.maxInFlight) {
       this.parkedReaders--;
       this.readNext();
     }
@@ -642,6 +659,7 @@ export class FuseSession {
       this.replyError(p, E.EIO);
     }
     this.pending.delete(p.unique);
+    if (p.answeredEarly) this.answeredEarly--;
     // A WRITE lands in the host's page cache: however long it took, it did not wait for the disk.
     if (this.pending.size === 0 && !this.stopping) this.idlePoll?.idle(p.started, p.bytes, p.opcode !== FUSE_WRITE);
     this.unpark();
@@ -1077,8 +1095,13 @@ export class FuseSession {
       } else if (this.requestTimeoutMs > 0 && now - p.started >= this.requestTimeoutMs) {
         process.stderr.write(`qcowfs: fuse: ${opcodeName(p.opcode)} #${p.unique} on node ${p.nodeid} did not complete in ${this.requestTimeoutMs} ms; answering EIO\n`);
         this.replyError(p, E.EIO);
+      } else {
+        continue;
       }
+      p.answeredEarly = true;
+      this.answeredEarly++;
     }
+    this.unpark();
   }
 
   private async finish(): Promise<void> {

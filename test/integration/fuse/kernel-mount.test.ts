@@ -310,6 +310,28 @@ for (const mode of ['poll', 'threadpool'] as const) {
       expect(aborted).to.equal(1);
     });
 
+    it('keeps serving once maxInFlight handlers never settle, since each was answered EIO', async () => {
+      class StuckAtZero extends MemoryFs {
+        override read(ctx: RequestContext, nodeid: number, fh: number, offset: number, size: number, into?: Buffer): Promise<Buffer> {
+          if (offset < BLOCK) return new Promise(() => undefined);
+          return super.read(ctx, nodeid, fh, offset, size, into);
+        }
+      }
+      mfs = new StuckAtZero({ directIo: true });
+      const data = randomBytes(4 * BLOCK);
+      mfs.preload(0, data);
+      t = await mountForTest(mfs, { requestTimeoutMs: 300, maxInFlight: 2, pollDevice: mode === 'poll' });
+      const file = path.join(t.mountpoint, mfs.fileName);
+      // Two reads whose handlers never settle: as many as may be in flight.
+      const stuck = await Promise.all([0, 1].map(() => sh(`dd if=${file} of=/dev/null bs=${BLOCK} count=1 status=none`, 20_000)));
+      for (const r of stuck) expect(r.stderr).to.contain('Input/output error');
+      expect(t.mount.session.inFlight, 'handlers still running').to.equal(2);
+      // A third read is still served.
+      const r = await sh(`dd if=${file} bs=${BLOCK} skip=2 count=1 status=none | sha256sum`, 10_000);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout.split(' ')[0]).to.equal(createHash('sha256').update(data.subarray(2 * BLOCK, 3 * BLOCK)).digest('hex'));
+    });
+
     it('answers a request whose handler never settles (EIO after requestTimeoutMs)', async () => {
       class Stuck extends MemoryFs {
         override read(): Promise<Buffer> {
