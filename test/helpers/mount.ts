@@ -46,6 +46,23 @@ export function isMounted(p: string): boolean {
   return mountCount(p) > 0;
 }
 
+/**
+ * Abort the FUSE connection of the mount on `mountpoint` (fusectl), so that a hung mount's
+ * requests fail and the processes waiting on them go on. Its number comes from
+ * /proc/self/mountinfo: nothing here waits for the mount itself. False when nothing is
+ * mounted there.
+ */
+export function abortFuseConnection(mountpoint: string): boolean {
+  const abs = path.resolve(mountpoint);
+  const line = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')
+    .find((l) => l && unescapeMountPath(l.split(' ')[4]) === abs);
+  if (line === undefined) return false;
+  const minor = line.split(' ')[2].split(':')[1];
+  if (!fs.existsSync('/sys/fs/fuse/connections/')) spawnSync('mount', ['-t', 'fusectl', 'none', '/sys/fs/fuse/connections']);
+  fs.writeFileSync(`/sys/fs/fuse/connections/${minor}/abort`, '1');
+  return true;
+}
+
 /** The pid of the daemon serving `mountpoint`, from its state record. */
 export function daemonPid(mountpoint: string): number {
   const rec = readRecord(path.resolve(mountpoint));

@@ -3,6 +3,7 @@ import { ChildProcess, spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { abortFuseConnection } from '../../helpers/mount';
 import { qemuImg, qemuCheck, tmpDir, run } from '../../helpers/qemu';
 
 const BIN = path.resolve(__dirname, '../../../../bin/qcowfs');
@@ -172,9 +173,6 @@ describe('mount --partitions: each partition of the disk as its own file', funct
     const start = 1 << 20;
     const disk = path.join(mnt, 'busy.raw');
     const part = path.join(mnt, 'busy-p1.raw');
-    // The connection, to abort should the mount hang (minor of the mount's device number).
-    const dev = fs.statSync(mnt).dev;
-    const connection = (dev & 0xff) | ((dev >> 12) & ~0xff);
     const seconds = 10;
     // Each WRITE drops the disk file's cached copy of its page (FUSE_NOTIFY_INVAL_INODE); the
     // readers keep those pages under READ, which locks them, and the writer keeps every
@@ -195,7 +193,7 @@ describe('mount --partitions: each partition of the disk as its own file', funct
     ]);
     clearTimeout(timer);
     if (!inTime) {
-      fs.writeFileSync(`/sys/fs/fuse/connections/${connection}/abort`, '1');
+      abortFuseConnection(mnt);
       await all;
     }
     expect(inTime, 'the writer and the readers finished: the mount did not hang').to.equal(true);

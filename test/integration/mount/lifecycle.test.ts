@@ -5,11 +5,11 @@
  * and the errors a user meets first are one line, with no stack trace.
  */
 import { expect } from 'chai';
-import { spawn, spawnSync } from 'child_process';
+import { spawn } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
 import { qemuImg, qemuIo, qemuCheck, qemuRaw, run } from '../../helpers/qemu';
-import { Sandbox, qcowfs, isMounted, daemonPid, processGone, expectCheckClean, errnoOf, waitFor, RunResult } from '../../helpers/mount';
+import { Sandbox, qcowfs, isMounted, daemonPid, processGone, expectCheckClean, errnoOf, waitFor, RunResult, abortFuseConnection } from '../../helpers/mount';
 import { readRecord, logPath } from '../../../src/cli/state';
 
 /** One line on stderr, prefixed "qcowfs:", no stack trace, non-zero exit. */
@@ -166,10 +166,7 @@ describe('qcowfs mount: the daemon starts, stops, and is killed', function () {
     const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
     const code = await Promise.race([exited, sleep(10_000).then(() => 'timeout' as const)]);
     if (code === 'timeout') {
-      const line = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === mountpoint);
-      const minor = line?.split(' ')[2].split(':')[1];
-      if (!fs.existsSync('/sys/fs/fuse/connections/')) spawnSync('mount', ['-t', 'fusectl', 'none', '/sys/fs/fuse/connections']);
-      if (minor !== undefined) fs.writeFileSync(`/sys/fs/fuse/connections/${minor}/abort`, '1');
+      abortFuseConnection(mountpoint);
       await exited;
       expect.fail(`stat -f ${mountpoint} did not answer in 10 s`);
     }
