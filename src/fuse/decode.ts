@@ -157,22 +157,17 @@ export function decodeRequest(buf: Buffer, length: number): FuseRequest {
       throw new FuseProtocolError('short', `${info.name} body has ${bodyLen} bytes, needs ${bytes}`, unique, opcode, body);
     }
   };
-  const u64 = (off: number, field: string): number => {
-    const v = readU64LE(buf, body + off);
-    if (Number.isNaN(v)) throw new FuseProtocolError('bad-value', `${info.name}.${field} beyond 2^53`, unique, opcode, body + off);
-    return v;
-  };
-  const i64 = (off: number, field: string): number => {
-    const v = readI64LE(buf, body + off);
-    if (Number.isNaN(v)) throw new FuseProtocolError('bad-value', `${info.name}.${field} beyond 2^53`, unique, opcode, body + off);
-    return v;
-  };
-  const u32 = (off: number): number => buf.readUInt32LE(body + off);
-  const position = (off: number, field: string, signed = false): number => {
+  /** A 64-bit field; beyond 2^53 it is a fault of `kind`. */
+  const word64 = (off: number, field: string, signed: boolean, kind: ProtocolFaultKind): number => {
     const v = signed ? readI64LE(buf, body + off) : readU64LE(buf, body + off);
-    if (Number.isNaN(v)) throw new FuseProtocolError('beyond-any-file', `${info.name}.${field} beyond 2^53`, unique, opcode, body + off);
+    if (Number.isNaN(v)) throw new FuseProtocolError(kind, `${info.name}.${field} beyond 2^53`, unique, opcode, body + off);
     return v;
   };
+  const u64 = (off: number, field: string): number => word64(off, field, false, 'bad-value');
+  const i64 = (off: number, field: string): number => word64(off, field, true, 'bad-value');
+  /** A file position or size (see 'beyond-any-file'). */
+  const position = (off: number, field: string, signed = false): number => word64(off, field, signed, 'beyond-any-file');
+  const u32 = (off: number): number => buf.readUInt32LE(body + off);
 
   switch (opcode) {
     case FUSE_INIT: {

@@ -1063,16 +1063,15 @@ export class FuseSession {
 
   private protocolFault(e: unknown): void {
     if (!FuseProtocolError.is(e)) throw e;
-    if (e.kind === 'beyond-any-file') {
-      // Past the end of every file served: a READ there reads nothing, SEEK_DATA/SEEK_HOLE
-      // find nothing (ENXIO), and a file cannot be written or grown that far (EFBIG).
-      if (e.opcode === FUSE_READ) this.writeReadReply(e.unique, this.scratch.subarray(0, 0));
-      else this.writeReply(e.unique, this.scratch, encodeError(this.scratch, e.unique, e.opcode === FUSE_LSEEK ? E.ENXIO : E.EFBIG), e.opcode);
-      return;
-    }
-    process.stderr.write(`qcowfs: fuse: ${e.message}\n`);
+    // Past the end of every file served (a well-formed request, not logged): a READ there
+    // reads nothing, SEEK_DATA/SEEK_HOLE find nothing (ENXIO), and a file cannot be written
+    // or grown that far (EFBIG).
+    const pastEnd = e.kind === 'beyond-any-file';
+    if (pastEnd && e.opcode === FUSE_READ) return this.writeReadReply(e.unique, this.scratch.subarray(0, 0));
+    if (!pastEnd) process.stderr.write(`qcowfs: fuse: ${e.message}\n`);
     if (e.unique < 0 || OPCODES.get(e.opcode)?.noReply) return;
-    const errno = e.kind === 'unknown-opcode' ? E.ENOSYS : e.kind === 'bad-value' ? E.EOVERFLOW : E.EIO;
+    const errno = pastEnd ? (e.opcode === FUSE_LSEEK ? E.ENXIO : E.EFBIG)
+      : e.kind === 'unknown-opcode' ? E.ENOSYS : e.kind === 'bad-value' ? E.EOVERFLOW : E.EIO;
     const len = encodeError(this.scratch, e.unique, errno);
     try {
       fs.writeSync(this.fd, this.scratch, 0, len);
