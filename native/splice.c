@@ -74,7 +74,7 @@ static void pipe_drop(void) {
 }
 
 /* This thread's pipe with room for `slots` buffers, or -errno. */
-static int pipe_ready(int slots) {
+static int pipe_ready(int64_t slots) {
   if (pipe_fds[0] < 0) {
     if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
       pipe_fds[0] = pipe_fds[1] = -1;
@@ -93,7 +93,7 @@ static int pipe_ready(int slots) {
   }
   if (slots > pipe_slots) {
     int64_t bytes = PAGE;
-    while (bytes < (int64_t)slots * PAGE) bytes *= 2;
+    while (bytes < slots * PAGE) bytes *= 2;
     if (bytes > PIPE_MAX_BYTES) return -EMSGSIZE;
     int got = fcntl(pipe_fds[0], F_SETPIPE_SZ, (int)bytes);
     /* EPERM: past pipe-max-size without CAP_SYS_RESOURCE; this reply does not fit, smaller ones may. */
@@ -156,7 +156,7 @@ static void run_splice(napi_env env, void *data) {
     j->result = -EMSGSIZE;
     return;
   }
-  int r = slots > PIPE_MAX_BYTES / PAGE ? -EMSGSIZE : pipe_ready((int)slots);
+  int r = pipe_ready(slots);
   if (r < 0) {
     j->result = r;
     return;
