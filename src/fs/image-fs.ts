@@ -75,7 +75,6 @@ interface Node {
   dropped?: boolean;
 }
 
-/** The file stopped serving its content and the kernel's pages of it are still to be dropped (dropWithdrawn). */
 /** Wait for p to settle (either way), or for ms to pass. */
 function settledWithin(p: Promise<unknown>, ms: number): Promise<void> {
   return new Promise<void>((resolve) => {
@@ -88,6 +87,7 @@ function settledWithin(p: Promise<unknown>, ms: number): Promise<void> {
   });
 }
 
+/** The file stopped serving its content and the kernel's pages of it are still to be dropped (dropWithdrawn). */
 function toDrop(m: Node): boolean {
   return !m.dropped && m.file.backend.withdrawn === true;
 }
