@@ -11,7 +11,7 @@ import * as path from 'path';
 import { constants } from 'os';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FuseErrno, type RequestContext, type Statfs } from '../../../src/fuse/filesystem';
 import { canMountKernel, mountKernel, unmountPath } from '../../../src/fuse/mount';
-import { abortFuseConnection } from '../../helpers/mount';
+import { abortFuseConnection, waitFor } from '../../helpers/mount';
 import { BLOCK, MemoryFs, type MemoryFsOptions } from './memory-fs';
 import {
   cleanupMount, defaultErrnoOf, delay, holdBusy, isMounted, mountForTest, mountLine, sh, shOk, type TestMount,
@@ -389,7 +389,7 @@ for (const mode of ['poll', 'threadpool'] as const) {
       }).map(Number);
       expect(fuseFds, 'the session\'s /dev/fuse descriptor').to.have.length(1);
       const reader = sh(`dd if=${path.join(t.mountpoint, mfs.fileName)} of=/dev/null bs=4k count=1 iflag=direct`, 30_000);
-      for (let i = 0; i < 200 && t.mount.session.inFlight === 0; i++) await delay(10);
+      await waitFor('the READ to reach its handler', () => t!.mount.session.inFlight > 0, 2000);
       expect(t.mount.session.inFlight, 'the READ is with its handler').to.equal(1);
       // The connection ends while the handler still runs; the session gives it a few seconds, then closes the device.
       expect(abortFuseConnection(t.mountpoint)).to.equal(true);
